@@ -1,0 +1,97 @@
+"""The default config every experiment starts from, and its validation.
+
+Configs in `configs/` call `base_config()` and change what they need. Every field a run can use
+is defined here, so that `lock_config=True` turns a misspelt override into an error.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data. `catalogue_dir` empty: generate the synthetic catalogue into `<workdir>/catalogue`.
+  c.data = ml_collections.ConfigDict()
+  c.data.catalogue_dir = ""
+  c.data.on_bad_record = "fail"  # "fail" | "skip" (skipped records are counted per task).
+  c.data.max_text_len = 48  # Tokens of [CLS] title [SEP] description [SEP].
+  c.data.tokenizer_dir = ""  # Empty: a WordPiece vocabulary trained on the catalogue's train split.
+  c.data.vocab_size = 4000  # Size of that generated vocabulary.
+  c.data.prefetch = 2  # Batches prepared ahead on a host thread.
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.num_tasks = 12
+  c.data.synthetic.seed = 0
+  c.data.synthetic.min_products = 60  # Per task, all splits together; sizes follow a long tail.
+  c.data.synthetic.max_products = 3000
+  c.data.synthetic.min_classes = 3
+  c.data.synthetic.max_classes = 24
+  c.data.synthetic.image_dim = 32
+  c.data.synthetic.max_images = 3
+  c.data.synthetic.label_noise = 0.03  # Upper bound of each site's label-noise rate.
+
+  # Task sampling: p_i proportional to n_i ** alpha(step).
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.kind = "alpha_decay"  # "uniform" | "proportional" | "fixed_alpha" | "alpha_decay"
+  c.sampling.alpha = 0.5  # For "fixed_alpha".
+  c.sampling.alpha_start = 1.0  # For "alpha_decay".
+  c.sampling.alpha_end = 0.5
+  c.sampling.schedule = "linear"  # "linear" | "cosine" | "step"
+  c.sampling.decay_steps = -1  # -1: over all of training.
+
+  # Model.
+  c.model = ml_collections.ConfigDict()
+  c.model.hidden_size = 64
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.mlp_size = 128
+  c.model.dropout = 0.1
+  c.model.max_classes = 32  # Width of every task head; each task masks the classes it lacks.
+  c.model.adapter_size = 32  # Bottleneck width of a DyPa adapter.
+  c.model.pooling = "cls"  # "cls" | "mean"
+  c.model.dtype = "float32"  # Activations and matmuls; parameters stay float32.
+  c.model.remat = False  # Recompute each layer's activations in the backward pass.
+  c.model.text_init = ""  # A local BERT-family checkpoint directory; empty: random init.
+
+  # Optimisation.
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 50
+  c.optimizer.end_learning_rate_factor = 0.01
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.clip_norm = 1.0
+  # "sparse": a task's head and adapter are updated only on steps whose batch holds that task
+  # (no decay or momentum drift while absent; Adam bias correction per task). "dense": every
+  # head every step, like plain AdamW.
+  c.optimizer.task_update = "sparse"
+
+  # Loop.
+  c.batch_size = 32  # Global batch.
+  c.eval_batch_size = 128
+  c.total_steps = 400
+  c.log_every = 50
+  c.eval_every = 200  # Validation evaluation of every task; the test split is evaluated at the end.
+  c.checkpoint_every = 200
+  c.max_to_keep = 2
+
+  # Devices: mesh shape (-1: all remaining devices) and logical-axis -> mesh-axis rules.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.model = 1
+  c.sharding_rules = (
+      ("batch", "data"),
+      ("vocab", "model"),
+      ("embed", None),
+      ("mlp", "model"),
+      ("heads", "model"),
+      ("kv", None),
+      ("layers", None),
+      ("task", None),
+      ("adapter", None),
+      ("classes", None),
+      ("bottleneck", None),
+      ("image", None),
+  )
+  return c
