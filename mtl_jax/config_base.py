@@ -95,3 +95,52 @@ def base_config() -> ml_collections.ConfigDict:
       ("image", None),
   )
   return c
+
+
+def _fail(field: str, problem: str, fix: str):
+  raise ValueError(f"config.{field}: {problem}. Fix: {fix}")
+
+
+def validate_config(c, num_devices: int, process_count: int = 1) -> None:
+  """Checks values before anything is built or compiled; errors name the field and the fix."""
+  from mtl_jax import sampling, sharding  # Local: keeps config files importable on their own.
+  shape = sharding.mesh_shape(c.mesh, num_devices)
+  if c.batch_size <= 0 or c.batch_size % (shape[0] * process_count):
+    _fail("batch_size", f"{c.batch_size} is not a positive multiple of the {shape[0]} data-"
+          f"parallel devices x {process_count} processes",
+          f"use a multiple of {shape[0] * process_count}")
+  if c.eval_batch_size <= 0 or c.eval_batch_size % (shape[0] * process_count):
+    _fail("eval_batch_size", f"{c.eval_batch_size} is not a positive multiple of "
+          f"{shape[0] * process_count}", f"use a multiple of {shape[0] * process_count}")
+  if c.sampling.kind not in sampling.KINDS:
+    _fail("sampling.kind", f"unknown kind {c.sampling.kind!r}", f"use one of {sampling.KINDS}")
+  if c.sampling.schedule not in sampling.SCHEDULES:
+    _fail("sampling.schedule", f"unknown schedule {c.sampling.schedule!r}",
+          f"use one of {sampling.SCHEDULES}")
+  for field in ("alpha", "alpha_start", "alpha_end"):
+    if not 0.0 <= c.sampling[field] <= 1.0:
+      _fail(f"sampling.{field}", f"{c.sampling[field]} is outside [0, 1]",
+            "0 samples tasks uniformly, 1 in proportion to their size")
+  if c.optimizer.task_update not in ("sparse", "dense"):
+    _fail("optimizer.task_update", f"unknown {c.optimizer.task_update!r}",
+          "use 'sparse' or 'dense'")
+  if c.model.hidden_size % c.model.num_heads:
+    _fail("model.hidden_size", f"{c.model.hidden_size} is not divisible by model.num_heads="
+          f"{c.model.num_heads}", "choose sizes with hidden_size % num_heads == 0")
+  if c.model.pooling not in ("cls", "mean"):
+    _fail("model.pooling", f"unknown {c.model.pooling!r}", "use 'cls' or 'mean'")
+  if c.model.dtype not in ("float32", "bfloat16"):
+    _fail("model.dtype", f"unknown {c.model.dtype!r}", "use 'float32' or 'bfloat16'")
+  if c.data.on_bad_record not in ("fail", "skip"):
+    _fail("data.on_bad_record", f"unknown {c.data.on_bad_record!r}", "use 'fail' or 'skip'")
+  for field in ("total_steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep"):
+    if c[field] <= 0:
+      _fail(field, f"{c[field]} must be positive", "set a positive integer")
+
+
+def validate_against_data(c, task_table) -> None:
+  widest = int(task_table.num_classes.max())
+  if widest > c.model.max_classes:
+    name = task_table.names[int(task_table.num_classes.argmax())]
+    _fail("model.max_classes", f"{c.model.max_classes} is smaller than the {widest} classes of "
+          f"task {name!r}", f"set --config.model.max_classes={widest} or more")

@@ -1,0 +1,31 @@
+"""Trains and evaluates one multi-task model.
+
+  python -m mtl_jax.main --config=configs/demo.py --workdir=runs/demo
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+import jax
+
+from mtl_jax import train
+
+config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and reports go.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, if not auto-detected.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, if not auto-detected.")
+flags.DEFINE_integer("process_id", None, "This process's index, if not auto-detected.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  if FLAGS.distributed:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
+               jax.local_devices())
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

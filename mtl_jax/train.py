@@ -1,0 +1,405 @@
+"""Training: the train state, the pure train step, evaluation, and the loop around them.
+
+Shapes first: the state is built abstractly with `jax.eval_shape`, shardings come from the
+logical axis names and the config's rules, and `jax.jit(init, out_shardings=...)` creates the
+parameters already sharded. `train_step(state, batch) -> (state, metrics)` is one pure function
+under `jax.jit` with the state donated; its rng is the config seed folded with the step, so the
+step count in the state is the only clock.
+"""
+import functools
+import logging
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metric_writers, periodic_actions
+from etils import epath
+from jax.sharding import PartitionSpec as P
+
+from mtl_jax import catalogue as catalogue_lib
+from mtl_jax import checkpointing
+from mtl_jax import config_base
+from mtl_jax import evaluation
+from mtl_jax import input_pipeline
+from mtl_jax import losses
+from mtl_jax import optim
+from mtl_jax import sharding
+from mtl_jax import synthetic
+from mtl_jax import task_layers
+from mtl_jax import tfds_builder
+from mtl_jax import tokenizer as tokenizer_lib
+from mtl_jax.model import Encoder, ModelSpec
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: the number of updates applied.
+  params: dict  # {"encoder": ..., "tasks": {"heads": ..., "adapters": ...}}
+  opt_state: optax.OptState  # The encoder's AdamW state.
+  task_opt_state: dict  # {"heads": RowAdamState, "adapters": RowAdamState}
+  adapter_map: jax.Array  # [T] int32: task -> adapter slot (0: none).
+  num_classes: jax.Array  # [T] int32: each task's class count.
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def model_spec(config, task_table, vocab_size: int) -> ModelSpec:
+  m = config.model
+  return ModelSpec(
+      vocab_size=vocab_size, max_positions=config.data.max_text_len,
+      image_dim=task_table.image_dim, max_images=task_table.max_images,
+      hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+      mlp_size=m.mlp_size, dropout=m.dropout, pooling=m.pooling, dtype=m.dtype, remat=m.remat)
+
+
+def dummy_batch(spec: ModelSpec, batch_size: int = 1) -> dict:
+  return {
+      "token_ids": jnp.zeros((batch_size, spec.max_positions), jnp.int32),
+      "token_mask": jnp.ones((batch_size, spec.max_positions), jnp.int32),
+      "images": jnp.zeros((batch_size, spec.max_images, spec.image_dim), jnp.float32),
+      "image_mask": jnp.ones((batch_size, spec.max_images), jnp.int32),
+  }
+
+
+class Trainer:
+  """What the step functions close over: model spec, config, optimiser, mesh and shardings."""
+
+  def __init__(self, config, spec: ModelSpec, num_classes: np.ndarray, mesh):
+    self.config = config
+    self.spec = spec
+    self.encoder = Encoder(spec)
+    self.num_classes = np.asarray(num_classes, np.int32)
+    self.num_tasks = len(self.num_classes)
+    self.mesh = mesh
+    self.schedule = optim.learning_rate_schedule(config, config.total_steps)
+    self.tx = optim.encoder_optimizer(config, self.schedule)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self._train_step = {}  # Number of adapter slots -> jitted step (DyPa changes it).
+    self._eval_step = {}
+
+  # --- State -------------------------------------------------------------------------------
+
+  def init_state(self, rng, num_adapter_slots: int = 1) -> TrainState:
+    encoder_rng, task_rng = jax.random.split(rng)
+    encoder = nn.meta.unbox(self.encoder.init({"params": encoder_rng}, dummy_batch(self.spec))
+                            ["params"])
+    tasks = task_layers.init_task_params(
+        task_rng, self.num_tasks, num_adapter_slots, self.spec.hidden_size,
+        self.config.model.max_classes, self.config.model.adapter_size)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params={"encoder": encoder, "tasks": tasks},
+        opt_state=self.tx.init(encoder),
+        task_opt_state={k: optim.row_adam_init(v) for k, v in tasks.items()},
+        adapter_map=jnp.zeros((self.num_tasks,), jnp.int32),
+        num_classes=jnp.asarray(self.num_classes))
+
+  def _abstract_init(self, num_adapter_slots: int):
+    return jax.eval_shape(
+        functools.partial(self.init_state, num_adapter_slots=num_adapter_slots),
+        jax.random.key(0))
+
+  def state_shardings(self, num_adapter_slots: int = 1):
+    """NamedShardings for every leaf of the state, from logical axis names and config rules."""
+    boxed = jax.eval_shape(lambda: self.encoder.init(
+        {"params": jax.random.key(0)}, dummy_batch(self.spec))["params"])
+    encoder_specs = nn.get_partition_spec(boxed)
+    task_specs = jax.tree.map(lambda axes: P(*axes), task_layers.PARAM_AXES,
+                              is_leaf=lambda x: isinstance(x, tuple))
+    abstract = self._abstract_init(num_adapter_slots)
+    opt_specs = optax.tree_map_params(
+        self.tx, lambda _, s: s, abstract.opt_state, encoder_specs,
+        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    row_axis = {"heads": "task", "adapters": "adapter"}
+    specs = TrainState(
+        step=P(), params={"encoder": encoder_specs, "tasks": task_specs},
+        opt_state=opt_specs,
+        task_opt_state={k: optim.RowAdamState(mu=task_specs[k], nu=task_specs[k],
+                                              count=P(row_axis[k])) for k in task_specs},
+        adapter_map=P(), num_classes=P())
+    return sharding.logical_to_sharding(specs, self.mesh, self.config.sharding_rules)
+
+  def abstract_state(self, num_adapter_slots: int = 1):
+    shapes = self._abstract_init(num_adapter_slots)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_shardings(num_adapter_slots))
+
+  def create_state(self, rng, num_adapter_slots: int = 1) -> TrainState:
+    """Parameters born sharded: init compiled with the target shardings as its outputs."""
+    init = jax.jit(self.init_state, static_argnums=1,
+                   out_shardings=self.state_shardings(num_adapter_slots))
+    return init(rng, num_adapter_slots)
+
+  # --- Steps --------------------------------------------------------------------------------
+
+  def train_step(self, state: TrainState, batch: dict):
+    """One pure update. Returns (new state, metrics)."""
+    config = self.config
+    rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    task_ids = batch["task_id"]
+    batch_size = task_ids.shape[0]
+    tasks = state.params["tasks"]
+    num_slots = tasks["adapters"]["up"].shape[0]
+    slots = state.adapter_map[task_ids]
+    if config.optimizer.task_update == "sparse":
+      head_rows, head_index = optim.unique_rows(task_ids, self.num_tasks,
+                                                min(batch_size, self.num_tasks))
+      adapter_rows, adapter_index = optim.unique_rows(slots, num_slots,
+                                                      min(batch_size, num_slots))
+    else:
+      head_rows, head_index = jnp.arange(self.num_tasks), task_ids
+      adapter_rows, adapter_index = jnp.arange(num_slots), slots
+    rows = {"heads": head_rows, "adapters": adapter_rows}
+    row_params = {k: optim.gather_rows(tasks[k], rows[k]) for k in rows}
+    class_mask = task_layers.class_mask(state.num_classes, task_ids, config.model.max_classes)
+
+    def loss_fn(encoder_params, row_params):
+      pooled, _ = self.encoder.apply({"params": encoder_params}, batch, deterministic=False,
+                                     rngs={"dropout": rng})
+      logits = task_layers.apply_task_layers(row_params, pooled, head_index, adapter_index,
+                                             slots > 0)
+      per_example = losses.cross_entropy(logits, batch["label"], class_mask)
+      return jnp.mean(per_example), logits
+
+    (loss, logits), (encoder_grads, row_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(state.params["encoder"], row_params)
+    grad_norm = optax.global_norm((encoder_grads, row_grads))
+    clip = jnp.minimum(1.0, config.optimizer.clip_norm / (grad_norm + 1e-6))
+    encoder_grads, row_grads = jax.tree.map(lambda g: g * clip, (encoder_grads, row_grads))
+
+    updates, opt_state = self.tx.update(encoder_grads, state.opt_state, state.params["encoder"])
+    encoder = optax.apply_updates(state.params["encoder"], updates)
+    learning_rate = self.schedule(state.step)
+    new_tasks, task_opt_state = {}, {}
+    for k in rows:
+      new_tasks[k], task_opt_state[k] = optim.row_adam_update(
+          tasks[k], state.task_opt_state[k], rows[k], row_grads[k], learning_rate, config)
+
+    predicted = jnp.argmax(losses.mask_logits(logits, class_mask), axis=-1)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(predicted == batch["label"]),
+        "grad_norm": grad_norm,
+        "encoder_param_norm": optax.global_norm(encoder),
+        "learning_rate": learning_rate,
+        "tasks_in_batch": jnp.sum(head_rows < self.num_tasks),
+    }
+    new_state = state.replace(
+        step=state.step + 1, params={"encoder": encoder, "tasks": new_tasks},
+        opt_state=opt_state, task_opt_state=task_opt_state)
+    return new_state, metrics
+
+  def eval_sums(self, params, adapter_map, num_classes, batch) -> dict:
+    """Per-task sums over the real examples of one batch: [T] vectors (see evaluation.py)."""
+    pooled, _ = self.encoder.apply({"params": params["encoder"]}, batch, deterministic=True)
+    task_ids = batch["task_id"]
+    slots = adapter_map[task_ids]
+    logits = task_layers.apply_task_layers(params["tasks"], pooled, task_ids, slots, slots > 0)
+    class_mask = task_layers.class_mask(num_classes, task_ids, self.config.model.max_classes)
+    masked = losses.mask_logits(logits.astype(jnp.float32), class_mask)
+    label_logit = jnp.take_along_axis(masked, batch["label"][:, None], axis=-1)
+    rank = jnp.sum(masked > label_logit, axis=-1)  # Classes scored strictly above the label.
+    loss = losses.cross_entropy(logits, batch["label"], class_mask)
+    weight = batch["example_mask"].astype(jnp.float32)
+    total = lambda v: jax.ops.segment_sum(v * weight, task_ids, num_segments=self.num_tasks)
+    return {"count": total(jnp.ones_like(weight)), "correct": total(rank == 0),
+            "correct_top5": total(rank < 5), "loss": total(loss)}
+
+  def jitted_train_step(self, num_adapter_slots: int):
+    if num_adapter_slots not in self._train_step:
+      state_sh = self.state_shardings(num_adapter_slots)
+      self._train_step[num_adapter_slots] = jax.jit(
+          self.train_step, donate_argnums=0, in_shardings=(state_sh, self.batch_sharding),
+          out_shardings=(state_sh, sharding.replicated(self.mesh)))
+    return self._train_step[num_adapter_slots]
+
+  def jitted_eval_sums(self, num_adapter_slots: int):
+    if num_adapter_slots not in self._eval_step:
+      state_sh = self.state_shardings(num_adapter_slots)
+      self._eval_step[num_adapter_slots] = jax.jit(
+          self.eval_sums, in_shardings=(state_sh.params, state_sh.adapter_map,
+                                        state_sh.num_classes, self.batch_sharding),
+          out_shardings=sharding.replicated(self.mesh))
+    return self._eval_step[num_adapter_slots]
+
+  def global_batch(self, local_batch: dict) -> dict:
+    """This process's slice -> global arrays sharded over the mesh's `data` axis."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local_batch.items()}
+
+  def evaluate(self, state: TrainState, catalogue, split: str, tokenizer) -> dict:
+    """Per-task sums over a whole split, as numpy [T] vectors."""
+    step_fn = self.jitted_eval_sums(num_adapter_slots(state))
+    totals = None
+    for local in input_pipeline.eval_batches(catalogue, split, tokenizer, self.config,
+                                             jax.process_index(), jax.process_count()):
+      sums = step_fn(state.params, state.adapter_map, state.num_classes, self.global_batch(local))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+      return {k: np.zeros(self.num_tasks) for k in evaluation.SUM_KEYS}
+    return jax.tree.map(np.asarray, jax.device_get(totals))
+
+
+def num_adapter_slots(state: TrainState) -> int:
+  return state.params["tasks"]["adapters"]["up"].shape[0]
+
+
+# --- The run ---------------------------------------------------------------------------------
+
+def prepare_data(config, workdir: epath.Path):
+  """The catalogue (generated into the workdir if none is configured) and its tokenizer."""
+  if config.data.catalogue_dir:
+    catalogue_dir = epath.Path(config.data.catalogue_dir)
+  else:
+    catalogue_dir = workdir / "catalogue"
+    synthetic.generate_catalogue(catalogue_dir, config.data.synthetic)
+  catalogue = tfds_builder.load_catalogue(str(catalogue_dir), str(workdir / "prepared"),
+                                          on_bad_record=config.data.on_bad_record)
+  if config.data.tokenizer_dir:
+    tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir)
+  else:
+    tokenizer = tokenizer_lib.build_tokenizer(catalogue, str(workdir / "tokenizer"),
+                                              config.data.vocab_size)
+  return catalogue, tokenizer
+
+
+def _log_and_print(writer, step, split, rows, summary):
+  writer.write_scalars(step, {f"{split}/{k}": v for k, v in summary.items()
+                              if isinstance(v, (int, float))})
+  if jax.process_index() == 0:
+    print(evaluation.format_table(split, rows, summary), flush=True)
+
+
+def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
+  """Trains on every task of the catalogue, evaluates, and writes the report.
+
+  Re-running with the same workdir resumes from its latest checkpoint. `stop_at_step` ends the
+  run early (after checkpointing) as a preemption would; tests use it. Returns the test summary
+  (or the latest validation summary when stopped early).
+  """
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_base.validate_config(config, jax.device_count(), jax.process_count())
+  catalogue, tokenizer = prepare_data(config, workdir)
+  task_table = catalogue.task_table
+  config_base.validate_against_data(config, task_table)
+
+  mesh = sharding.make_mesh(config.mesh)
+  spec = model_spec(config, task_table, len(tokenizer))
+  trainer = Trainer(config, spec, task_table.num_classes, mesh)
+  mngr = checkpointing.manager(str(workdir), config.max_to_keep)
+  restored = checkpointing.restore_latest(
+      mngr, lambda meta: trainer.abstract_state(meta["num_adapter_slots"]))
+  if restored is None:
+    state = trainer.create_state(jax.random.key(config.seed))
+    start_step = 0
+  else:
+    start_step, state, meta = restored
+    if meta["data_iterator"]["next_step"] != start_step:
+      raise checkpointing.CheckpointError(
+          f"Checkpoint {start_step} in {mngr.directory} holds data position "
+          f"{meta['data_iterator']['next_step']}; it does not belong to this run.")
+    logging.info("Resumed from step %d", start_step)
+  train_sizes = np.diff(catalogue.task_offsets["train"])
+
+  writer = metric_writers.create_default_writer(
+      str(workdir), just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=config.total_steps, writer=writer, every_secs=30)
+  batches = input_pipeline.TrainBatches(catalogue, tokenizer, config, start_step,
+                                        jax.process_index(), jax.process_count())
+
+  def meta_for(state):
+    return {"data_iterator": batches.state(), "config": config.to_json(),
+            "task_table": task_table.to_json(), "num_adapter_slots": num_adapter_slots(state),
+            "num_tasks": trainer.num_tasks}
+
+  def checkpoint(state, force=False):
+    checkpointing.save(mngr, int(state.step), state, meta_for(state), force=force)
+
+  def check_finite(step, metrics, task_ids):
+    if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+      mngr.wait_until_finished()
+      latest = mngr.latest_step()
+      names = sorted({task_table.names[t] for t in np.unique(task_ids)})
+      raise NonFiniteLossError(
+          f"Non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at "
+          f"step {step}; tasks in that batch: {', '.join(names)}. Last good checkpoint: "
+          f"{workdir / 'checkpoints' / str(latest) if latest is not None else 'none'}. "
+          "Lower --config.optimizer.learning_rate or check those tasks' data.")
+
+  # Two programs in flight keep the device busy while the host reads the previous step's loss.
+  # Fake multi-device CPU meshes deadlock with several collective programs queued, so there
+  # each step is awaited.
+  lag = 0 if jax.default_backend() == "cpu" and jax.device_count() > 1 else 1
+  pending, history = [], []
+  last_summary = {}
+  step = start_step
+  try:
+    while step < config.total_steps:
+      local = next(batches)
+      train_step = trainer.jitted_train_step(num_adapter_slots(state))
+      state, metrics = train_step(state, trainer.global_batch(local))
+      step += 1
+      pending.append((step, metrics, local["task_id"]))
+      while len(pending) > lag:
+        done_step, done_metrics, task_ids = pending.pop(0)
+        done_metrics = jax.device_get(done_metrics)
+        check_finite(done_step, done_metrics, task_ids)
+        history.append(done_metrics)
+      progress(step)
+      if step % config.log_every == 0 or step == config.total_steps:
+        for done_step, done_metrics, task_ids in pending:
+          done_metrics = jax.device_get(done_metrics)
+          check_finite(done_step, done_metrics, task_ids)
+          history.append(done_metrics)
+        pending = []
+        writer.write_scalars(step, {f"train/{k}": float(np.mean([h[k] for h in history]))
+                                    for k in history[0]})
+        history = []
+      if step % config.eval_every == 0 and step < config.total_steps:
+        rows = evaluation.task_rows(task_table, trainer.evaluate(state, catalogue, "validation",
+                                                                 tokenizer), train_sizes)
+        last_summary = evaluation.summarize(rows)
+        _log_and_print(writer, step, "validation", rows, last_summary)
+      if step % config.checkpoint_every == 0 or step == config.total_steps:
+        checkpoint(state)
+      if stop_at_step is not None and step >= stop_at_step and step < config.total_steps:
+        checkpoint(state, force=True)
+        mngr.wait_until_finished()
+        return last_summary
+  finally:
+    batches.close()
+
+  for done_step, done_metrics, task_ids in pending:
+    check_finite(done_step, jax.device_get(done_metrics), task_ids)
+  mngr.wait_until_finished()
+  results = {}
+  for split in ("validation", "test"):
+    rows = evaluation.task_rows(task_table, trainer.evaluate(state, catalogue, split, tokenizer),
+                                train_sizes, catalogue.skipped.get(split))
+    results[split] = evaluation.summarize(rows)
+    if jax.process_index() == 0:
+      evaluation.write_report(workdir, split, int(state.step), rows, results[split])
+    _log_and_print(writer, int(state.step), split, rows, results[split])
+  writer.flush()
+  mngr.close()
+  return results["test"]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[f"{prefix}{k}"] = v
+  return out
