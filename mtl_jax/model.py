@@ -98,6 +98,9 @@ class Encoder(nn.Module):
     spec = self.spec
     token_ids = batch["token_ids"]
     text_len = token_ids.shape[1]
+    if text_len > spec.max_positions:  # nn.Embed would return NaN rows past its table.
+      raise ValueError(f"{text_len} text tokens exceed the {spec.max_positions} position "
+                       "embeddings; lower config.data.max_text_len.")
     text = _embed(spec.vocab_size, spec, ("vocab", "embed"), "word_embeddings")(token_ids)
     text += _embed(spec.max_positions, spec, (None, "embed"), "position_embeddings")(
         jnp.arange(text_len))[None]

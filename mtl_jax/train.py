@@ -305,7 +305,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
       raise checkpointing.CheckpointError(
           f"Checkpoint {start_step} in {mngr.directory} holds data position "
           f"{meta['data_iterator']['next_step']}; it does not belong to this run.")
-    logging.info("Resumed from step %d", start_step)
+    if jax.process_index() == 0:
+      print(f"Resumed from step {start_step} ({mngr.directory / str(start_step)})", flush=True)
   train_sizes = np.diff(catalogue.task_offsets["train"])
 
   writer = metric_writers.create_default_writer(
@@ -322,8 +323,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
             "task_table": task_table.to_json(), "num_adapter_slots": num_adapter_slots(state),
             "num_tasks": trainer.num_tasks}
 
-  def checkpoint(state, force=False):
-    checkpointing.save(mngr, int(state.step), state, meta_for(state), force=force)
+  def checkpoint(state):
+    checkpointing.save(mngr, int(state.step), state, meta_for(state), force=True)
 
   def check_finite(step, metrics, task_ids):
     if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
@@ -343,6 +344,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   pending, history = [], []
   last_summary = {}
   step = start_step
+  started = time.time()
   try:
     while step < config.total_steps:
       local = next(batches)
@@ -362,18 +364,23 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
           check_finite(done_step, done_metrics, task_ids)
           history.append(done_metrics)
         pending = []
-        writer.write_scalars(step, {f"train/{k}": float(np.mean([h[k] for h in history]))
-                                    for k in history[0]})
+        means = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+        writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
         history = []
+        if jax.process_index() == 0:
+          rate = (step - start_step) / (time.time() - started)
+          print(f"step {step}/{config.total_steps}: loss {means['loss']:.4f}, accuracy "
+                f"{means['accuracy']:.3f}, {rate:.1f} steps/s, ETA "
+                f"{(config.total_steps - step) / max(rate, 1e-9):.0f}s", flush=True)
       if step % config.eval_every == 0 and step < config.total_steps:
         rows = evaluation.task_rows(task_table, trainer.evaluate(state, catalogue, "validation",
                                                                  tokenizer), train_sizes)
         last_summary = evaluation.summarize(rows)
         _log_and_print(writer, step, "validation", rows, last_summary)
-      if step % config.checkpoint_every == 0 or step == config.total_steps:
+      stopping = stop_at_step is not None and stop_at_step <= step < config.total_steps
+      if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
         checkpoint(state)
-      if stop_at_step is not None and step >= stop_at_step and step < config.total_steps:
-        checkpoint(state, force=True)
+      if stopping:
         mngr.wait_until_finished()
         return last_summary
   finally:

@@ -256,3 +256,15 @@ def test_tokenizer_is_offline_fast_and_unpadded(minilm_dir, spec):
                 + tokenizer(description, add_special_tokens=False).input_ids
                 + [tokenizer.sep_token_id])
     assert row[mask].tolist() == expected and not mask[-1]
+
+
+def test_unsupported_architecture_is_refused(minilm_dir, spec):
+  config = dict(pretrained.read_bert_config(minilm_dir), hidden_act="gelu_new")
+  with pytest.raises(ValueError, match="hidden_act 'gelu_new': our encoder uses exact GELU"):
+    pretrained.convert_bert_tensors({}, _shapes(spec), config=config, spec=spec)
+
+
+def test_frozen_params_keep_their_structure(minilm_dir, spec, init_params):
+  frozen = flax.core.freeze(init_params)
+  loaded = pretrained.load_text_encoder(minilm_dir, frozen)
+  assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(frozen)
