@@ -246,11 +246,15 @@ def test_tpu_pod_needs_gcs_workdir(stubs):
       "WORKDIR": "/tmp/run", "ACCELERATOR_TYPE": "v4-32", "REPO_URL": "u"})
   assert result.returncode != 0
   assert "WORKDIR" in result.stderr and "gs://" in result.stderr
-  # One host (v4-8) may keep its workdir on the VM.
+  # One host (v4-8) may keep its workdir on the VM, at an absolute path: a relative one would
+  # be inside ~/mtl_jax, which `install` replaces.
+  result = run_script("tpu_vm.sh", ["--dry-run", "train"], stubs, env={
+      "WORKDIR": "/home/me/runs/x", "ACCELERATOR_TYPE": "v4-8", "REPO_URL": "u"})
+  assert result.returncode == 0, result.stderr
+  assert "--workdir=/home/me/runs/x --distributed" in result.stdout
   result = run_script("tpu_vm.sh", ["--dry-run", "train"], stubs, env={
       "WORKDIR": "runs/x", "ACCELERATOR_TYPE": "v4-8", "REPO_URL": "u"})
-  assert result.returncode == 0, result.stderr
-  assert "--workdir=runs/x --distributed" in result.stdout
+  assert result.returncode != 0 and "WORKDIR=runs/x" in result.stderr
 
 
 def test_tpu_bad_settings(stubs, repo):
@@ -477,3 +481,101 @@ def test_slurm_processes_form_one_jax_system(stubs, repo):
     # Each process keeps both of its node's GPUs: without JAX_LOCAL_DEVICE_IDS, JAX's SLURM
     # detection would give it GPU $SLURM_LOCALID (0) only.
     assert line.split() == ["RESULT", str(i), "2", "0,1"]
+
+
+# --- tpu_vm.sh for real, against a fake gcloud that runs the workers' commands here ------------
+
+@pytest.fixture
+def fake_tpu(stubs, tmp_path):
+  """gcloud stub: ssh runs --command= in bash with HOME=worker/, scp copies into worker/."""
+  bin_dir, calls = stubs
+  worker = tmp_path / "worker"
+  worker.mkdir()
+  _write_exe(bin_dir / "gcloud", f"""
+      #!/usr/bin/env bash
+      echo "$*" >> {calls}/gcloud
+      case $4 in
+        create|delete) ;;
+        scp) cp "$5" "{worker}/${{6#*:}}" ;;
+        ssh)
+          for a in "$@"; do case $a in --command=*) cmd=${{a#--command=}} ;; esac; done
+          HOME={worker} exec bash -c "$cmd" ;;
+        *) exit 2 ;;
+      esac
+      """)
+  # The worker's python3 installs a fake uv, whose venv gets a fake python.
+  _write_exe(bin_dir / "python3", f"""
+      #!/usr/bin/env bash
+      [[ "$*" == "-m pip install --user --quiet --upgrade uv" ]] || exit 2
+      mkdir -p "$HOME/.local/bin"
+      cat > "$HOME/.local/bin/uv" <<'UV'
+      #!/usr/bin/env bash
+      venv=${{@: -1}}
+      mkdir -p "$venv/bin"
+      cat > "$venv/bin/python" <<'PY'
+      #!/usr/bin/env bash
+      if [[ $1 == -m && $2 == pip ]]; then echo "$*" >> {calls}/pip; exit 0; fi
+      echo "training $*"
+      sleep "${{FAKE_TRAIN_SECONDS:-1}}"
+      echo "done"
+      exit "${{FAKE_TRAIN_RC:-0}}"
+      PY
+      chmod +x "$venv/bin/python"
+      UV
+      chmod +x "$HOME/.local/bin/uv"
+      """)
+  return worker
+
+
+def test_tpu_all_for_real_with_fake_gcloud(stubs, repo, fake_tpu):
+  if not shutil.which("git"):
+    pytest.skip("git is not installed: the copy mode lists files with git")
+  (repo / ".gitignore").write_text("runs/\n")
+  (repo / "runs").mkdir()
+  (repo / "runs" / "big.ckpt").write_text("x")
+  env = {"REPO_DIR": str(repo), "WORKDIR": "gs://b/run", "FAKE_TRAIN_SECONDS": "2"}
+  result = run_script("tpu_vm.sh", ["all", "--", "--config.seed=5"], stubs, env=env, timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr
+  # The copy has the checkout's files, not the ignored ones.
+  assert (fake_tpu / "mtl_jax" / "configs" / "mtl1000.py").is_file()
+  assert (fake_tpu / "mtl_jax" / ".gitignore").is_file()
+  assert not (fake_tpu / "mtl_jax" / "runs").exists()
+  assert called(stubs, "pip") == ["-m pip install -e . jax[tpu]==0.10.2"]
+  # `logs` showed the whole training and came back when it ended.
+  assert ("training -m mtl_jax.main --config=configs/mtl1000.py --workdir=gs://b/run "
+          "--distributed --config.seed=5") in result.stdout
+  assert "done" in result.stdout
+  verbs = [c.split()[3] for c in called(stubs, "gcloud")]
+  assert verbs == ["create", "scp", "ssh", "ssh", "ssh", "delete"]
+
+
+def test_tpu_failed_training_keeps_the_vm(stubs, repo, fake_tpu):
+  if not shutil.which("git"):
+    pytest.skip("git is not installed: the copy mode lists files with git")
+  env = {"REPO_DIR": str(repo), "WORKDIR": "gs://b/run", "FAKE_TRAIN_RC": "3",
+         "FAKE_TRAIN_SECONDS": "3", "REPO_URL": "unused"}
+  # Set up the worker as `install` would, without cloning.
+  (fake_tpu / "mtl_jax").mkdir()
+  subprocess.run(["bash", "-c", "python3 -m pip install --user --quiet --upgrade uv && "
+                  "$HOME/.local/bin/uv venv $HOME/mtl_jax_venv"],
+                 env={"PATH": f"{stubs[0]}{os.pathsep}{os.environ['PATH']}",
+                      "HOME": str(fake_tpu)}, check=True)
+  result = run_script("tpu_vm.sh", ["train"], stubs, env=env)
+  assert result.returncode == 0, result.stderr
+  # A second start while the first runs is refused (it would fight over the TPU).
+  again = run_script("tpu_vm.sh", ["train"], stubs, env=env)
+  assert again.returncode != 0 and "already running" in again.stderr
+  # So is replacing its code.
+  again = run_script("tpu_vm.sh", ["install"], stubs, env=env)
+  assert again.returncode != 0 and "already running" in again.stderr
+  assert (fake_tpu / "mtl_jax").is_dir()
+  logs = run_script("tpu_vm.sh", ["logs"], stubs, env=env)
+  assert logs.returncode == 3, logs.stderr  # The training's exit status.
+  assert "done" in logs.stdout
+  # `all` stops before `delete` when training fails.
+  (fake_tpu / "mtl_jax_train.pid").unlink()
+  result = run_script("tpu_vm.sh", ["all"], stubs,
+                      env={**env, "REPO_URL": "", "FAKE_TRAIN_SECONDS": "1"})
+  assert result.returncode != 0
+  assert "kept" in result.stderr
+  assert "delete" not in [c.split()[3] for c in called(stubs, "gcloud")]
