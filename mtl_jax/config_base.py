@@ -66,6 +66,22 @@ def base_config() -> ml_collections.ConfigDict:
   # (no decay or momentum drift while absent; Adam bias correction per task). "dense": every
   # head every step, like plain AdamW.
   c.optimizer.task_update = "sparse"
+  # A step whose loss or gradient is NaN/Inf: "stop" the run with a report, or "skip" it (the
+  # state is left as it was, and skipped steps are counted in the metrics).
+  c.optimizer.nonfinite = "stop"
+
+  # Embedding augmentations (augment.py), applied inside the train step.
+  c.augment = ml_collections.ConfigDict()
+  c.augment.kind = "none"  # "none" | "mixup" | "stitchup" | "soft_mixup" | "soft_stitchup"
+  c.augment.inputs = "pooled"  # Comma-separated subset of "image", "text", "pooled".
+  c.augment.alpha = 0.2  # lambda ~ Beta(alpha, alpha).
+  c.augment.label_smoothing = 0.1  # eps of the soft forms.
+
+  # Evaluation.
+  c.eval = ml_collections.ConfigDict()
+  # Hold out each task's last k classes from training (never in the softmax, no loss), to
+  # measure detection of unseen classes. Only tasks keeping >= 2 seen classes hold any out.
+  c.eval.holdout_classes = 0
 
   # Loop.
   c.batch_size = 32  # Global batch.
@@ -121,6 +137,19 @@ def validate_config(c, num_devices: int, process_count: int = 1) -> None:
     if not 0.0 <= c.sampling[field] <= 1.0:
       _fail(f"sampling.{field}", f"{c.sampling[field]} is outside [0, 1]",
             "0 samples tasks uniformly, 1 in proportion to their size")
+  if c.optimizer.nonfinite not in ("stop", "skip"):
+    _fail("optimizer.nonfinite", f"unknown {c.optimizer.nonfinite!r}", "use 'stop' or 'skip'")
+  from mtl_jax import augment  # Local, as above.
+  if c.augment.kind not in augment.KINDS:
+    _fail("augment.kind", f"unknown {c.augment.kind!r}", f"use one of {augment.KINDS}")
+  unknown = set(augment_inputs(c)) - {"image", "text", "pooled"}
+  if unknown:
+    _fail("augment.inputs", f"unknown inputs {sorted(unknown)}",
+          "use a comma-separated subset of image,text,pooled")
+  if c.augment.alpha < 0:
+    _fail("augment.alpha", f"{c.augment.alpha} is negative", "use a positive Beta parameter")
+  if c.eval.holdout_classes < 0:
+    _fail("eval.holdout_classes", "is negative", "use 0 (none) or a positive class count")
   if c.optimizer.task_update not in ("sparse", "dense"):
     _fail("optimizer.task_update", f"unknown {c.optimizer.task_update!r}",
           "use 'sparse' or 'dense'")
@@ -144,3 +173,7 @@ def validate_against_data(c, task_table) -> None:
     name = task_table.names[int(task_table.num_classes.argmax())]
     _fail("model.max_classes", f"{c.model.max_classes} is smaller than the {widest} classes of "
           f"task {name!r}", f"set --config.model.max_classes={widest} or more")
+
+
+def augment_inputs(c) -> tuple[str, ...]:
+  return tuple(x.strip() for x in c.augment.inputs.split(",") if x.strip())

@@ -2,6 +2,8 @@
 
   python -m mtl_jax.main --config=configs/demo.py --workdir=runs/demo
 """
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 import jax
@@ -12,16 +14,24 @@ config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and reports go.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, if not auto-detected.")
-flags.DEFINE_integer("num_processes", None, "Number of processes, if not auto-detected.")
-flags.DEFINE_integer("process_id", None, "This process's index, if not auto-detected.")
+flags.DEFINE_integer("num_processes", None,
+                     "Number of processes (or $JAX_NUM_PROCESSES), if not auto-detected.")
+flags.DEFINE_integer("process_id", None,
+                     "This process's index (or $JAX_PROCESS_ID), if not auto-detected.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Progress and reports are printed; --v=0 for more.
   if FLAGS.distributed:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    env = lambda name: int(os.environ[name]) if name in os.environ else None
+    jax.distributed.initialize(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes if FLAGS.num_processes is not None else env("JAX_NUM_PROCESSES"),
+        FLAGS.process_id if FLAGS.process_id is not None else env("JAX_PROCESS_ID"))
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

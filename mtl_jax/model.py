@@ -94,8 +94,12 @@ class Encoder(nn.Module):
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, batch, deterministic: bool = True):
+  def __call__(self, batch, deterministic: bool = True, mix=None):
+    """Encodes a batch. `mix(name, embeddings, mask)`, if given, transforms the text token
+    embeddings (name "text") and the projected image embeddings ("image") before the encoder
+    layers: the hook through which embedding augmentations run inside the train step."""
     spec = self.spec
+    mix = mix or (lambda name, x, mask: x)
     token_ids = batch["token_ids"]
     text_len = token_ids.shape[1]
     if text_len > spec.max_positions:  # nn.Embed would return NaN rows past its table.
@@ -106,12 +110,14 @@ class Encoder(nn.Module):
         jnp.arange(text_len))[None]
     types = _embed(spec.type_vocab_size, spec, (None, "embed"), "token_type_embeddings")
     text += types(jnp.zeros((1, text_len), jnp.int32))
+    text = mix("text", text, batch["token_mask"])
 
     images = _dense(spec.hidden_size, ("image", "embed"), spec, "image_projection")(
         batch["images"].astype(spec.compute_dtype))
     images += _embed(spec.max_images, spec, (None, "embed"), "image_slot_embeddings")(
         jnp.arange(spec.max_images))[None]
     images += types(jnp.ones((1, spec.max_images), jnp.int32))
+    images = mix("image", images, batch["image_mask"])
 
     x = jnp.concatenate([text, images], axis=1)
     x = _layer_norm(spec, "embeddings_norm")(x)

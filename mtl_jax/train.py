@@ -6,8 +6,11 @@ parameters already sharded. `train_step(state, batch) -> (state, metrics)` is on
 under `jax.jit` with the state donated; its rng is the config seed folded with the step, so the
 step count in the state is the only clock.
 """
+import dataclasses
 import functools
 import logging
+import signal
+import threading
 import time
 
 import flax
@@ -18,9 +21,10 @@ import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from mtl_jax import catalogue as catalogue_lib
+from mtl_jax import augment
 from mtl_jax import checkpointing
 from mtl_jax import config_base
 from mtl_jax import evaluation
@@ -51,11 +55,26 @@ class NonFiniteLossError(FloatingPointError):
 
 def model_spec(config, task_table, vocab_size: int) -> ModelSpec:
   m = config.model
-  return ModelSpec(
+  spec = ModelSpec(
       vocab_size=vocab_size, max_positions=config.data.max_text_len,
       image_dim=task_table.image_dim, max_images=task_table.max_images,
       hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
       mlp_size=m.mlp_size, dropout=m.dropout, pooling=m.pooling, dtype=m.dtype, remat=m.remat)
+  if m.text_init:
+    # Table sizes follow the checkpoint; the layer sizes stay the config's, and the loader
+    # names any field that disagrees with the checkpoint.
+    from mtl_jax import pretrained  # Local: only runs that load weights need it.
+    overrides = pretrained.spec_overrides(m.text_init)
+    spec = dataclasses.replace(spec, **{k: overrides[k] for k in (
+        "vocab_size", "max_positions", "layer_norm_eps", "type_vocab_size")})
+  return spec
+
+
+def trained_num_classes(num_classes, holdout: int) -> np.ndarray:
+  """Class counts the model trains on: each task's last `holdout` classes held out, where
+  at least 2 classes remain."""
+  num_classes = np.asarray(num_classes, np.int32)
+  return np.where(num_classes - holdout >= 2, num_classes - holdout, num_classes).astype(np.int32)
 
 
 def dummy_batch(spec: ModelSpec, batch_size: int = 1) -> dict:
@@ -158,14 +177,32 @@ class Trainer:
     rows = {"heads": head_rows, "adapters": adapter_rows}
     row_params = {k: optim.gather_rows(tasks[k], rows[k]) for k in rows}
     class_mask = task_layers.class_mask(state.num_classes, task_ids, config.model.max_classes)
+    # Examples whose label is outside their task's trained classes (held out) carry no loss.
+    weight = (batch["label"] < state.num_classes[task_ids]).astype(jnp.float32)
+    targets = jax.nn.one_hot(batch["label"], config.model.max_classes) * class_mask
+
+    aug = config.augment
+    aug_inputs = config_base.augment_inputs(config)
+    aug_stats = {}
+    if aug.kind != "none":
+      # One rng for every augmented input: the same partner and lambda for all of them.
+      aug_rng = jax.random.fold_in(rng, 1)
+      mix_fn = functools.partial(augment.augment, aug_rng, targets=targets, task_ids=task_ids,
+                                 class_mask=class_mask, kind=aug.kind, alpha=aug.alpha,
+                                 label_smoothing=aug.label_smoothing)
+      _, targets, aug_stats = mix_fn(jnp.zeros((batch_size, 1)), mask=None)
+
+    def mix(name, x, mask):
+      return mix_fn(x, mask=mask)[0] if name in aug_inputs and aug.kind != "none" else x
 
     def loss_fn(encoder_params, row_params):
       pooled, _ = self.encoder.apply({"params": encoder_params}, batch, deterministic=False,
-                                     rngs={"dropout": rng})
+                                     rngs={"dropout": rng}, mix=mix)
+      pooled = mix("pooled", pooled, None)
       logits = task_layers.apply_task_layers(row_params, pooled, head_index, adapter_index,
                                              slots > 0)
-      per_example = losses.cross_entropy(logits, batch["label"], class_mask)
-      return jnp.mean(per_example), logits
+      per_example = losses.soft_cross_entropy(logits, targets, class_mask)
+      return jnp.sum(per_example * weight) / jnp.maximum(jnp.sum(weight), 1.0), logits
 
     (loss, logits), (encoder_grads, row_grads) = jax.value_and_grad(
         loss_fn, argnums=(0, 1), has_aux=True)(state.params["encoder"], row_params)
@@ -184,15 +221,22 @@ class Trainer:
     predicted = jnp.argmax(losses.mask_logits(logits, class_mask), axis=-1)
     metrics = {
         "loss": loss,
-        "accuracy": jnp.mean(predicted == batch["label"]),
+        "accuracy": jnp.sum((predicted == batch["label"]) * weight) / jnp.maximum(
+            jnp.sum(weight), 1.0),
         "grad_norm": grad_norm,
         "encoder_param_norm": optax.global_norm(encoder),
         "learning_rate": learning_rate,
         "tasks_in_batch": jnp.sum(head_rows < self.num_tasks),
     }
+    metrics.update(aug_stats)
     new_state = state.replace(
         step=state.step + 1, params={"encoder": encoder, "tasks": new_tasks},
         opt_state=opt_state, task_opt_state=task_opt_state)
+    if config.optimizer.nonfinite == "skip":
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      new_state = jax.lax.cond(finite, lambda: new_state,
+                               lambda: state.replace(step=state.step + 1))
+      metrics["skipped_steps"] = 1 - finite.astype(jnp.int32)
     return new_state, metrics
 
   def eval_sums(self, params, adapter_map, num_classes, batch) -> dict:
@@ -206,10 +250,22 @@ class Trainer:
     label_logit = jnp.take_along_axis(masked, batch["label"][:, None], axis=-1)
     rank = jnp.sum(masked > label_logit, axis=-1)  # Classes scored strictly above the label.
     loss = losses.cross_entropy(logits, batch["label"], class_mask)
-    weight = batch["example_mask"].astype(jnp.float32)
+    # Held-out (unseen) classes are scored by `predict_probs`, not here.
+    weight = batch["example_mask"].astype(jnp.float32) * (
+        batch["label"] < num_classes[task_ids])
+    loss = jnp.where(weight > 0, loss, 0.0)
     total = lambda v: jax.ops.segment_sum(v * weight, task_ids, num_segments=self.num_tasks)
     return {"count": total(jnp.ones_like(weight)), "correct": total(rank == 0),
             "correct_top5": total(rank < 5), "loss": total(loss)}
+
+  def predict_probs(self, params, adapter_map, num_classes, batch) -> jax.Array:
+    """[B, C] class probabilities over each example's (trained) task classes."""
+    pooled, _ = self.encoder.apply({"params": params["encoder"]}, batch, deterministic=True)
+    task_ids = batch["task_id"]
+    slots = adapter_map[task_ids]
+    logits = task_layers.apply_task_layers(params["tasks"], pooled, task_ids, slots, slots > 0)
+    class_mask = task_layers.class_mask(num_classes, task_ids, self.config.model.max_classes)
+    return jnp.exp(losses.masked_log_softmax(logits, class_mask))
 
   def jitted_train_step(self, num_adapter_slots: int):
     if num_adapter_slots not in self._train_step:
@@ -263,6 +319,9 @@ def prepare_data(config, workdir: epath.Path):
                                           on_bad_record=config.data.on_bad_record)
   if config.data.tokenizer_dir:
     tokenizer = tokenizer_lib.load_tokenizer(config.data.tokenizer_dir)
+  elif config.model.text_init:
+    from mtl_jax import pretrained  # Local: only runs that load weights need it.
+    tokenizer = pretrained.load_tokenizer_for(config.model.text_init)
   else:
     tokenizer = tokenizer_lib.build_tokenizer(catalogue, str(workdir / "tokenizer"),
                                               config.data.vocab_size)
@@ -292,12 +351,19 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
 
   mesh = sharding.make_mesh(config.mesh)
   spec = model_spec(config, task_table, len(tokenizer))
-  trainer = Trainer(config, spec, task_table.num_classes, mesh)
+  trainer = Trainer(config, spec,
+                    trained_num_classes(task_table.num_classes, config.eval.holdout_classes), mesh)
   mngr = checkpointing.manager(str(workdir), config.max_to_keep)
   restored = checkpointing.restore_latest(
       mngr, lambda meta: trainer.abstract_state(meta["num_adapter_slots"]))
   if restored is None:
     state = trainer.create_state(jax.random.key(config.seed))
+    if config.model.text_init:
+      from mtl_jax import pretrained  # Local: only runs that load weights need it.
+      encoder = pretrained.load_text_encoder(config.model.text_init, state.params["encoder"],
+                                             spec)
+      state = state.replace(params={**state.params, "encoder": jax.device_put(
+          encoder, trainer.state_shardings().params["encoder"])})
     start_step = 0
   else:
     start_step, state, meta = restored
@@ -328,6 +394,11 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
 
   def check_finite(step, metrics, task_ids):
     if not np.isfinite(metrics["loss"]) or not np.isfinite(metrics["grad_norm"]):
+      if config.optimizer.nonfinite == "skip":
+        names = sorted({task_table.names[t] for t in np.unique(task_ids)})
+        print(f"WARNING: step {step} skipped: non-finite loss or gradient; tasks in that "
+              f"batch: {', '.join(names)}", flush=True)
+        return
       mngr.wait_until_finished()
       latest = mngr.latest_step()
       names = sorted({task_table.names[t] for t in np.unique(task_ids)})
@@ -345,6 +416,11 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   last_summary = {}
   step = start_step
   started = time.time()
+  preempted = []
+  previous_handler = None
+  if threading.current_thread() is threading.main_thread():
+    # SIGTERM (a preempted VM, a scheduler): checkpoint at the current step and exit cleanly.
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
   try:
     while step < config.total_steps:
       local = next(batches)
@@ -364,7 +440,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
           check_finite(done_step, done_metrics, task_ids)
           history.append(done_metrics)
         pending = []
-        means = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+        means = {k: float(np.nanmean([h[k] for h in history])) for k in history[0]}
         writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
         history = []
         if jax.process_index() == 0:
@@ -377,14 +453,22 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
                                                                  tokenizer), train_sizes)
         last_summary = evaluation.summarize(rows)
         _log_and_print(writer, step, "validation", rows, last_summary)
-      stopping = stop_at_step is not None and stop_at_step <= step < config.total_steps
+      if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+        preempted.append(True)
+      stopping = step < config.total_steps and (
+          any(preempted) or (stop_at_step is not None and stop_at_step <= step))
       if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
         checkpoint(state)
       if stopping:
         mngr.wait_until_finished()
+        if any(preempted) and jax.process_index() == 0:
+          print(f"Preempted: checkpoint written at step {step} in {mngr.directory}; run the "
+                "same command to resume.", flush=True)
         return last_summary
   finally:
     batches.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
 
   for done_step, done_metrics, task_ids in pending:
     check_finite(done_step, jax.device_get(done_metrics), task_ids)
