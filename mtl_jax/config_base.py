@@ -46,7 +46,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mlp_size = 128
   c.model.dropout = 0.1
   c.model.max_classes = 32  # Width of every task head; each task masks the classes it lacks.
-  c.model.adapter_size = 32  # Bottleneck width of a DyPa adapter.
+  # A DyPa adapter: `adapter_layers` residual blocks x + up(gelu(down(x))) of width
+  # `adapter_size` on the pooled state before the task's head. Narrower than hidden_size: a
+  # bottleneck adapter; wider or deeper: a bigger task-specific head path.
+  c.model.adapter_size = 32
+  c.model.adapter_layers = 1
   c.model.pooling = "cls"  # "cls" | "mean"
   c.model.dtype = "float32"  # Activations and matmuls; parameters stay float32.
   c.model.remat = False  # Recompute each layer's activations in the backward pass.
@@ -69,6 +73,19 @@ def base_config() -> ml_collections.ConfigDict:
   # A step whose loss or gradient is NaN/Inf: "stop" the run with a report, or "skip" it (the
   # state is left as it was, and skipped steps are counted in the metrics).
   c.optimizer.nonfinite = "stop"
+
+  # DyPa (dypa.py): give the tasks that need capacity an adapter of their own, between steps.
+  c.dypa = ml_collections.ConfigDict()
+  c.dypa.at_steps = ""  # Comma-separated steps at which to allocate, e.g. "2000,4000".
+  c.dypa.every_evals = 0  # Also after every k-th validation evaluation (0: never).
+  c.dypa.select = "lowest_accuracy"  # | "highest_loss" | "baseline_gap" | "explicit"
+  c.dypa.fraction = 0.1  # Share of the candidate tasks selected per allocation.
+  c.dypa.tasks = ""  # "explicit": comma-separated task names.
+  c.dypa.baseline = ""  # "baseline_gap": JSON {task: accuracy} or a report with "tasks" rows.
+  c.dypa.max_new_adapters = 0  # Per allocation (0: no cap).
+  c.dypa.max_adapters = 0  # In total (0: no cap).
+  c.dypa.max_new_params = 0  # Task-specific parameters added per allocation (0: no cap).
+  c.dypa.max_total_params = 0  # Adapter parameters in total (0: no cap).
 
   # Embedding augmentations (augment.py), applied inside the train step.
   c.augment = ml_collections.ConfigDict()
@@ -148,6 +165,22 @@ def validate_config(c, num_devices: int, process_count: int = 1) -> None:
           "use a comma-separated subset of image,text,pooled")
   if c.augment.alpha < 0:
     _fail("augment.alpha", f"{c.augment.alpha} is negative", "use a positive Beta parameter")
+  from mtl_jax import dypa  # Local, as above.
+  if c.dypa.select not in dypa.SELECTORS:
+    _fail("dypa.select", f"unknown {c.dypa.select!r}", f"use one of {dypa.SELECTORS}")
+  if not 0.0 < c.dypa.fraction <= 1.0:
+    _fail("dypa.fraction", f"{c.dypa.fraction} is outside (0, 1]", "use e.g. 0.1")
+  try:
+    dypa.scheduled_steps(c)
+  except ValueError:
+    _fail("dypa.at_steps", f"{c.dypa.at_steps!r} is not a list of steps", "use e.g. '2000,4000'")
+  if c.dypa.select == "explicit" and not c.dypa.tasks:
+    _fail("dypa.tasks", "is empty but dypa.select='explicit'", "name the tasks, comma-separated")
+  if c.dypa.select == "baseline_gap" and not c.dypa.baseline:
+    _fail("dypa.baseline", "is empty but dypa.select='baseline_gap'",
+          "give a JSON file of single-task accuracies")
+  if c.model.adapter_layers < 1:
+    _fail("model.adapter_layers", "must be at least 1", "use 1 for one residual block")
   if c.eval.holdout_classes < 0:
     _fail("eval.holdout_classes", "is negative", "use 0 (none) or a positive class count")
   if c.optimizer.task_update not in ("sparse", "dense"):

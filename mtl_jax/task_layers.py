@@ -1,8 +1,8 @@
 """Task heads and DyPa adapters: one stacked parameter tree each, applied per example by index.
 
     heads:    kernel [T, H, C], bias [T, C]      row t is task t's classifier
-    adapters: down [A, H, r], down_bias [A, r], up [A, r, H], up_bias [A, H]
-              row a is adapter slot a; slot 0 is "no adapter" (the identity)
+    adapters: down [A, L, H, r], down_bias [A, L, r], up [A, L, r, H], up_bias [A, L, H]
+              row a is adapter slot a (L residual blocks); slot 0 is "no adapter" (identity)
 
 An example of task t uses head row t and adapter row `adapter_map[t]`. Each head is a function of
 one row; `jax.vmap` over the batch applies every example's own row, gathered by index, so one
@@ -19,10 +19,10 @@ import jax.numpy as jnp
 PARAM_AXES = {
     "heads": {"kernel": ("task", "embed", "classes"), "bias": ("task", "classes")},
     "adapters": {
-        "down": ("adapter", "embed", "bottleneck"),
-        "down_bias": ("adapter", "bottleneck"),
-        "up": ("adapter", "bottleneck", "embed"),
-        "up_bias": ("adapter", "embed"),
+        "down": ("adapter", None, "embed", "bottleneck"),
+        "down_bias": ("adapter", None, "bottleneck"),
+        "up": ("adapter", None, "bottleneck", "embed"),
+        "up_bias": ("adapter", None, "embed"),
     },
 }
 
@@ -34,28 +34,38 @@ def init_heads(rng, num_tasks: int, hidden_size: int, max_classes: int) -> dict:
   }
 
 
-def init_adapters(rng, num_slots: int, hidden_size: int, adapter_size: int) -> dict:
-  """Adapter rows whose output projection is zero, so a new adapter starts as the identity."""
+def init_adapters(rng, num_slots: int, hidden_size: int, adapter_size: int,
+                  adapter_layers: int = 1) -> dict:
+  """Adapter rows whose output projections are zero, so a new adapter is the identity."""
+  n, k, h, r = num_slots, adapter_layers, hidden_size, adapter_size
   return {
-      "down": 0.02 * jax.random.normal(rng, (num_slots, hidden_size, adapter_size), jnp.float32),
-      "down_bias": jnp.zeros((num_slots, adapter_size), jnp.float32),
-      "up": jnp.zeros((num_slots, adapter_size, hidden_size), jnp.float32),
-      "up_bias": jnp.zeros((num_slots, hidden_size), jnp.float32),
+      "down": 0.02 * jax.random.normal(rng, (n, k, h, r), jnp.float32),
+      "down_bias": jnp.zeros((n, k, r), jnp.float32),
+      "up": jnp.zeros((n, k, r, h), jnp.float32),
+      "up_bias": jnp.zeros((n, k, h), jnp.float32),
   }
 
 
-def init_task_params(rng, num_tasks, num_adapter_slots, hidden_size, max_classes, adapter_size):
+def init_task_params(rng, num_tasks, num_adapter_slots, hidden_size, max_classes, adapter_size,
+                     adapter_layers=1):
   head_rng, adapter_rng = jax.random.split(rng)
   return {
       "heads": init_heads(head_rng, num_tasks, hidden_size, max_classes),
-      "adapters": init_adapters(adapter_rng, num_adapter_slots, hidden_size, adapter_size),
+      "adapters": init_adapters(adapter_rng, num_adapter_slots, hidden_size, adapter_size,
+                                adapter_layers),
   }
 
 
+def adapter_params_per_slot(hidden_size: int, adapter_size: int, adapter_layers: int) -> int:
+  return adapter_layers * (2 * hidden_size * adapter_size + adapter_size + hidden_size)
+
+
 def _adapter(row, x):
-  """One bottleneck adapter on one pooled vector: x + up(gelu(down(x)))."""
-  h = jax.nn.gelu(x @ row["down"] + row["down_bias"], approximate=False)
-  return x + h @ row["up"] + row["up_bias"]
+  """One adapter on one pooled vector: residual blocks x + up(gelu(down(x)))."""
+  for k in range(row["down"].shape[0]):
+    h = jax.nn.gelu(x @ row["down"][k] + row["down_bias"][k], approximate=False)
+    x = x + h @ row["up"][k] + row["up_bias"][k]
+  return x
 
 
 def _head(row, x):

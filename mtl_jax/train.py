@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from mtl_jax import augment
 from mtl_jax import checkpointing
 from mtl_jax import config_base
+from mtl_jax import dypa
 from mtl_jax import evaluation
 from mtl_jax import input_pipeline
 from mtl_jax import losses
@@ -110,7 +111,8 @@ class Trainer:
                             ["params"])
     tasks = task_layers.init_task_params(
         task_rng, self.num_tasks, num_adapter_slots, self.spec.hidden_size,
-        self.config.model.max_classes, self.config.model.adapter_size)
+        self.config.model.max_classes, self.config.model.adapter_size,
+        self.config.model.adapter_layers)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params={"encoder": encoder, "tasks": tasks},
@@ -189,7 +191,7 @@ class Trainer:
       aug_rng = jax.random.fold_in(rng, 1)
       mix_fn = functools.partial(augment.augment, aug_rng, targets=targets, task_ids=task_ids,
                                  class_mask=class_mask, kind=aug.kind, alpha=aug.alpha,
-                                 label_smoothing=aug.label_smoothing)
+                                 label_smoothing=aug.label_smoothing, example_mask=weight > 0)
       _, targets, aug_stats = mix_fn(jnp.zeros((batch_size, 1)), mask=None)
 
     def mix(name, x, mask):
@@ -365,8 +367,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
       state = state.replace(params={**state.params, "encoder": jax.device_put(
           encoder, trainer.state_shardings().params["encoder"])})
     start_step = 0
+    dypa_events = []
   else:
     start_step, state, meta = restored
+    dypa_events = meta.get("dypa_events", [])
     if meta["data_iterator"]["next_step"] != start_step:
       raise checkpointing.CheckpointError(
           f"Checkpoint {start_step} in {mngr.directory} holds data position "
@@ -387,7 +391,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   def meta_for(state):
     return {"data_iterator": batches.state(), "config": config.to_json(),
             "task_table": task_table.to_json(), "num_adapter_slots": num_adapter_slots(state),
-            "num_tasks": trainer.num_tasks}
+            "num_tasks": trainer.num_tasks, "dypa_events": dypa_events}
 
   def checkpoint(state):
     checkpointing.save(mngr, int(state.step), state, meta_for(state), force=True)
@@ -415,6 +419,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   pending, history = [], []
   last_summary = {}
   step = start_step
+  evaluations = step // config.eval_every  # Validation evaluations done so far in this run.
   started = time.time()
   preempted = []
   previous_handler = None
@@ -448,11 +453,25 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
           print(f"step {step}/{config.total_steps}: loss {means['loss']:.4f}, accuracy "
                 f"{means['accuracy']:.3f}, {rate:.1f} steps/s, ETA "
                 f"{(config.total_steps - step) / max(rate, 1e-9):.0f}s", flush=True)
-      if step % config.eval_every == 0 and step < config.total_steps:
+      evaluate_now = step % config.eval_every == 0 and step < config.total_steps
+      allocate_now = dypa.is_due(config, step, evaluations + evaluate_now, evaluate_now)
+      if evaluate_now or allocate_now:
         rows = evaluation.task_rows(task_table, trainer.evaluate(state, catalogue, "validation",
                                                                  tokenizer), train_sizes)
+        evaluations += evaluate_now
         last_summary = evaluation.summarize(rows)
         _log_and_print(writer, step, "validation", rows, last_summary)
+      if allocate_now:
+        state, event = dypa.expand(trainer, state, rows, step)
+        dypa_events.append(event)
+        writer.write_scalars(step, {"dypa/adapters": event["adapters_after"],
+                                    "dypa/parameters": event["parameters_after"],
+                                    "dypa/new_adapters": len(event["tasks"])})
+        if jax.process_index() == 0:
+          print(f"DyPa at step {step}: {len(event['tasks'])} new adapters "
+                f"({event['adapters_after']} in all, task-specific share "
+                f"{100 * event['task_specific_share_after']:.2f}%): "
+                f"{', '.join(event['tasks'])}", flush=True)
       if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
         preempted.append(True)
       stopping = step < config.total_steps and (

@@ -35,6 +35,11 @@ def make_batch(seed, batch_size=32, num_tasks=4, feature_shape=(3, 8), singleton
           jnp.asarray(class_mask))
 
 
+def padded_last_position(embeddings):
+  """[B, P] mask with the last position padding (the tests share one compiled function)."""
+  return jnp.ones(embeddings.shape[:2], bool).at[:, -1].set(False)
+
+
 def run(kind, seed=0, rng_seed=0, mask=None, alpha=0.2, details=True, **batch_kwargs):
   embeddings, targets, task_ids, class_mask = make_batch(seed, **batch_kwargs)
   fn = augment_with_details_jit if details else augment_jit
@@ -44,26 +49,28 @@ def run(kind, seed=0, rng_seed=0, mask=None, alpha=0.2, details=True, **batch_kw
 
 
 @jax.jit
-def _pair_many(keys, task_ids):
-  return jax.vmap(aug.pair_within_task)(keys, task_ids)
+def _pair_many(keys, task_ids, example_mask):
+  return jax.vmap(aug.pair_within_task)(keys, task_ids, example_mask)
 
 
 def test_pairs_never_cross_tasks_over_many_batches():
   num_batches, batch_size = 200, 32
   np_rng = np.random.default_rng(0)
-  # Vary how many tasks share the batch, from crowded (2 tasks) to mostly singletons (64).
+  # Vary how many tasks share the batch, from crowded (1 task) to mostly singletons (64).
   num_tasks = np_rng.choice([1, 2, 5, 16, 64], size=(num_batches, 1))
   task_ids = (np_rng.integers(0, 1 << 30, (num_batches, batch_size)) % num_tasks).astype(np.int32)
+  included = np_rng.random((num_batches, batch_size)) < 0.9
   keys = jax.random.split(jax.random.key(1), num_batches)
-  partner, has_partner = map(np.asarray, _pair_many(keys, jnp.asarray(task_ids)))
+  partner, has_partner = map(np.asarray, _pair_many(keys, jnp.asarray(task_ids), included))
   positions = np.arange(batch_size)
   for b in range(num_batches):
     tasks = task_ids[b]
     np.testing.assert_array_equal(tasks[partner[b]], tasks)
-    task_counts = np.bincount(tasks)[tasks]
-    np.testing.assert_array_equal(has_partner[b], task_counts > 1)
-    # A partner is always another example; the unpaired point at themselves.
+    included_per_task = np.bincount(tasks[included[b]], minlength=tasks.max() + 1)
+    np.testing.assert_array_equal(has_partner[b], included[b] & (included_per_task[tasks] > 1))
+    # A partner is always another included example; the unpaired point at themselves.
     assert np.all((partner[b] != positions) == has_partner[b])
+    assert np.all(included[b][partner[b]][has_partner[b]])
     # Pairing is a permutation: every example is used as a partner exactly once.
     np.testing.assert_array_equal(np.sort(partner[b]), positions)
 
@@ -72,7 +79,7 @@ def test_partner_is_uniform_over_other_examples_of_the_task():
   num_draws = 4000
   task_ids = jnp.asarray(np.tile([7, 7, 7, 7, 2, 2], (num_draws, 1)), jnp.int32)
   keys = jax.random.split(jax.random.key(3), num_draws)
-  partner, _ = _pair_many(keys, task_ids)
+  partner, _ = _pair_many(keys, task_ids, jnp.ones(task_ids.shape, bool))
   partner = np.asarray(partner)
   frequencies = np.bincount(partner[:, 0], minlength=6) / num_draws
   np.testing.assert_allclose(frequencies, [0, 1 / 3, 1 / 3, 1 / 3, 0, 0], atol=0.03)
@@ -150,9 +157,9 @@ def test_smooth_and_mix_helpers():
 
 @pytest.mark.parametrize("kind", MIXING_KINDS)
 def test_unpaired_examples_are_unchanged_and_counted(kind):
-  batch = make_batch(0, num_tasks=2, singleton_tasks=5)
-  x, y, task_ids, class_mask = batch
-  out, out_y, stats = augment_jit(jax.random.key(0), x, y, task_ids, None, class_mask, kind)
+  x, y, task_ids, class_mask = make_batch(0, num_tasks=2, singleton_tasks=5)
+  mask = padded_last_position(x)
+  out, out_y, stats = augment_jit(jax.random.key(0), x, y, task_ids, mask, class_mask, kind)
   assert int(stats["aug_unpaired"]) == 5
   assert int(stats["aug_paired"]) == 27
   np.testing.assert_array_equal(out[-5:], x[-5:])
@@ -163,11 +170,36 @@ def test_unpaired_examples_are_unchanged_and_counted(kind):
 
 def test_batch_of_singletons_is_untouched():
   x, y, task_ids, class_mask = make_batch(0, singleton_tasks=32)
-  out, out_y, stats = augment_jit(jax.random.key(0), x, y, task_ids, None, class_mask,
-                                  "soft_mixup")
+  out, out_y, stats = augment_jit(jax.random.key(0), x, y, task_ids, padded_last_position(x),
+                                  class_mask, "soft_mixup")
   np.testing.assert_array_equal(out, x)
   np.testing.assert_array_equal(out_y, y)
   assert int(stats["aug_unpaired"]) == 32 and int(stats["aug_paired"]) == 0
+
+
+def test_excluded_examples_are_neither_mixed_nor_partners():
+  x, y, task_ids, class_mask = make_batch(0, num_tasks=2)
+  included = np.arange(32) % 4 != 0
+  y = y * included[:, None]  # Excluded examples carry no target, as in the train step.
+  out, out_y, stats = aug.augment(jax.random.key(0), x, y, task_ids, None, class_mask,
+                                  "soft_mixup", example_mask=jnp.asarray(included))
+  np.testing.assert_array_equal(out[~included], x[~included])
+  np.testing.assert_array_equal(out_y[~included], y[~included])
+  # No all-zero target row leaked into a mixed one.
+  np.testing.assert_allclose(np.asarray(out_y)[included].sum(-1), 1.0, atol=1e-6)
+  assert int(stats["aug_paired"]) == 24 and int(stats["aug_unpaired"]) == 0
+
+
+def test_a_shared_rng_mixes_every_input_with_the_same_partner_and_lambda():
+  x, y, task_ids, class_mask = make_batch(0)
+  key = jax.random.key(4)
+  _, images_y, images = augment_with_details_jit(key, x, y, task_ids, None, class_mask,
+                                                 "stitchup")
+  _, pooled_y, pooled = augment_with_details_jit(key, x[:, 0], y, task_ids, None, class_mask,
+                                                 "stitchup")
+  np.testing.assert_array_equal(images.partner_index, pooled.partner_index)
+  np.testing.assert_array_equal(images.lam, pooled.lam)
+  np.testing.assert_array_equal(images_y, pooled_y)
 
 
 @pytest.mark.parametrize("kind", ["mixup", "stitchup"])
@@ -211,7 +243,7 @@ def test_padding_is_never_mixed_into_real_positions(kind):
 @pytest.mark.parametrize("kind", aug.KINDS)
 def test_same_rng_gives_the_same_output(kind):
   x, y, task_ids, class_mask = make_batch(2)
-  mask = jnp.ones(x.shape[:2], bool).at[:, -1].set(False)
+  mask = padded_last_position(x)
   first = augment_jit(jax.random.key(5), x, y, task_ids, mask, class_mask, kind=kind)
   second = augment_jit(jax.random.key(5), x, y, task_ids, mask, class_mask, kind=kind)
   for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
@@ -225,7 +257,7 @@ def test_same_rng_gives_the_same_output(kind):
 @pytest.mark.parametrize("kind, feature_shape", [("mixup", (8,)), ("soft_stitchup", (3, 8))])
 def test_jit_matches_eager(kind, feature_shape):
   x, y, task_ids, class_mask = make_batch(2, feature_shape=feature_shape)
-  mask = None if len(feature_shape) == 1 else jnp.ones(x.shape[:2], bool).at[:, -1].set(False)
+  mask = None if len(feature_shape) == 1 else padded_last_position(x)
   key = jax.random.key(5)
   jitted = augment_jit(key, x, y, task_ids, mask, class_mask, kind=kind)
   eager = aug.augment(key, x, y, task_ids, mask, class_mask, kind)

@@ -11,7 +11,7 @@ T, H, C, A, R = 5, 8, 6, 3, 4
 def params(seed=0):
   p = task_layers.init_task_params(jax.random.key(seed), T, A, H, C, R)
   # Non-zero adapter outputs so that adapters do something in these tests.
-  p["adapters"]["up"] = 0.1 * jax.random.normal(jax.random.key(seed + 1), (A, R, H))
+  p["adapters"]["up"] = 0.1 * jax.random.normal(jax.random.key(seed + 1), (A, 1, R, H))
   return p
 
 
@@ -27,7 +27,7 @@ def test_vmapped_heads_match_a_per_task_loop():
     x = pooled[i]
     if slots[i]:
       a = jax.tree.map(lambda v: v[slots[i]], p["adapters"])
-      x = x + jax.nn.gelu(x @ a["down"] + a["down_bias"], approximate=False) @ a["up"] + a["up_bias"]
+      x = x + jax.nn.gelu(x @ a["down"][0] + a["down_bias"][0], approximate=False) @ a["up"][0] + a["up_bias"][0]
     expected = x @ p["heads"]["kernel"][task_ids[i]] + p["heads"]["bias"][task_ids[i]]
     np.testing.assert_allclose(logits[i], expected, rtol=1e-5, atol=1e-6)
 
