@@ -171,8 +171,9 @@ class Trainer:
     if config.optimizer.task_update == "sparse":
       head_rows, head_index = optim.unique_rows(task_ids, self.num_tasks,
                                                 min(batch_size, self.num_tasks))
-      adapter_rows, adapter_index = optim.unique_rows(slots, num_slots,
-                                                      min(batch_size, num_slots))
+      # Slot 0 (no adapter) is never updated: its examples index the dropped padding row.
+      adapter_rows, adapter_index = optim.unique_rows(
+          jnp.where(slots > 0, slots, num_slots), num_slots, min(batch_size, num_slots))
     else:
       head_rows, head_index = jnp.arange(self.num_tasks), task_ids
       adapter_rows, adapter_index = jnp.arange(num_slots), slots
