@@ -53,7 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.adapter_layers = 1
   c.model.pooling = "cls"  # "cls" | "mean"
   c.model.dtype = "float32"  # Activations and matmuls; parameters stay float32.
-  c.model.remat = False  # Recompute each layer's activations in the backward pass.
+  # Activation recomputation in the backward pass, per encoder layer: "none"; "full" (keep
+  # only each layer's input); "dots" (keep matmul outputs, recompute the rest).
+  c.model.remat = "none"
   c.model.text_init = ""  # A local BERT-family checkpoint directory; empty: random init.
 
   # Optimisation.
@@ -191,6 +193,9 @@ def validate_config(c, num_devices: int, process_count: int = 1) -> None:
           f"{c.model.num_heads}", "choose sizes with hidden_size % num_heads == 0")
   if c.model.pooling not in ("cls", "mean"):
     _fail("model.pooling", f"unknown {c.model.pooling!r}", "use 'cls' or 'mean'")
+  from mtl_jax import model  # Local, as above.
+  if c.model.remat not in model.REMAT_POLICIES:
+    _fail("model.remat", f"unknown {c.model.remat!r}", f"use one of {tuple(model.REMAT_POLICIES)}")
   if c.model.dtype not in ("float32", "bfloat16"):
     _fail("model.dtype", f"unknown {c.model.dtype!r}", "use 'float32' or 'bfloat16'")
   if c.data.on_bad_record not in ("fail", "skip"):

@@ -5,8 +5,10 @@ weights load onto it). Each image is a fixed-size embedding from a pretrained im
 projected to the hidden size; token-type embeddings mark text (0) and image (1) positions, and a
 learned slot embedding orders the images. Padding masks cover text and missing images.
 
-Layers are stacked with `nn.scan` (one compilation however deep), and every parameter carries
-logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `layers`, `image`) that the config's
+Layers are stacked with `nn.scan` (one compilation however deep), optionally rematerialised
+(`remat`), and run in `dtype`: bfloat16 on accelerators, with float32 parameters, optimiser
+state and softmax (bf16 has float32's exponent range, so no loss scaling is needed). Every
+parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `layers`, `image`) that the config's
 sharding rules map onto the device mesh. The task heads and adapters live in `task_layers.py`.
 """
 import dataclasses
@@ -15,6 +17,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+
+# Which activations each layer keeps for the backward pass (`model.remat`); the rest are
+# recomputed, trading compute for memory.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +42,7 @@ class ModelSpec:
   dropout: float = 0.1
   pooling: str = "cls"
   dtype: str = "float32"
-  remat: bool = False
+  remat: str = "none"
   layer_norm_eps: float = 1e-12
   type_vocab_size: int = 2
 
@@ -125,7 +136,9 @@ class Encoder(nn.Module):
     mask = jnp.concatenate(
         [batch["token_mask"].astype(bool), batch["image_mask"].astype(bool)], axis=1)
 
-    layer = nn.remat(EncoderLayer, prevent_cse=False) if spec.remat else EncoderLayer
+    layer = EncoderLayer
+    if spec.remat != "none":
+      layer = nn.remat(EncoderLayer, prevent_cse=False, policy=REMAT_POLICIES[spec.remat])
     layers = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
         in_axes=nn.broadcast, length=spec.num_layers,

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+tfds.disable_progress_bar()  # Progress is printed by the train loop; bars garble logs.
 from etils import epath
 
 from mtl_jax import catalogue as cat

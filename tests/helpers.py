@@ -26,7 +26,8 @@ def tiny_trainer(config=None, num_classes=NUM_CLASSES, devices=None):
   spec = ModelSpec(vocab_size=VOCAB, max_positions=config.data.max_text_len, image_dim=8,
                    max_images=2, hidden_size=config.model.hidden_size,
                    num_layers=config.model.num_layers, num_heads=config.model.num_heads,
-                   mlp_size=config.model.mlp_size, dropout=config.model.dropout)
+                   mlp_size=config.model.mlp_size, dropout=config.model.dropout,
+                   dtype=config.model.dtype, remat=config.model.remat)
   return train.Trainer(config, spec, num_classes, sharding.make_mesh(config.mesh, devices))
 
 

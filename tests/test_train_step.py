@@ -62,3 +62,15 @@ def test_sparse_and_dense_task_updates_agree_when_every_task_is_in_every_batch()
   np.testing.assert_allclose(results["sparse"][1], results["dense"][1], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                results["sparse"][0], results["dense"][0])
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_remat_keeps_the_loss():
+  batches = [random_batch(i) for i in range(2)]
+  losses = {}
+  for dtype, remat in (("float32", "none"), ("float32", "dots"), ("bfloat16", "none")):
+    trainer = tiny_trainer(tiny_config(**{"model.dtype": dtype, "model.remat": remat,
+                                          "model.dropout": 0.0}))
+    state, losses[dtype, remat] = run(trainer, batches)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+  np.testing.assert_allclose(losses["float32", "dots"], losses["float32", "none"], rtol=1e-5)
+  np.testing.assert_allclose(losses["bfloat16", "none"], losses["float32", "none"], rtol=3e-2)
