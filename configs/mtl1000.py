@@ -20,6 +20,8 @@ def get_config(variant: str = ""):
   c.data.synthetic.max_images = 4
   c.data.vocab_size = 16000
   c.data.max_text_len = 64
+  # BERT-base sizes. No BERT-base checkpoint ships in a package, so the text side starts
+  # random; --config.model.text_init=/path/to/bert-base loads one a user has on disk.
   c.model.hidden_size = 768
   c.model.num_layers = 12
   c.model.num_heads = 12
