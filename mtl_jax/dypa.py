@@ -160,7 +160,8 @@ def expand(trainer, state, rows: list[dict], step: int):
       "step": int(step),
       "select": config.dypa.select,
       "tasks": [names[t] for t in selected],
-      "scores": [float(scores[t]) for t in selected],
+      "scores": [float(scores[t]) for t in selected],  # Need: higher is needier.
+      "validation_accuracy": [rows[t]["accuracy"] for t in selected],
       "adapters_before": before["adapter_slots"],
       "adapters_after": after["adapter_slots"],
       "parameters_before": before["total_parameters"],

@@ -413,6 +413,14 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
           f"{workdir / 'checkpoints' / str(latest) if latest is not None else 'none'}. "
           "Lower --config.optimizer.learning_rate or check those tasks' data.")
 
+  def drain(keep):
+    """Reads back the metrics of all but the last `keep` dispatched steps."""
+    while len(pending) > keep:
+      done_step, done_metrics, task_ids = pending.pop(0)
+      done_metrics = jax.device_get(done_metrics)
+      check_finite(done_step, done_metrics, task_ids)
+      history.append(done_metrics)
+
   # Two programs in flight keep the device busy while the host reads the previous step's loss.
   # Fake multi-device CPU meshes deadlock with several collective programs queued, so there
   # each step is awaited.
@@ -434,18 +442,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
       state, metrics = train_step(state, trainer.global_batch(local))
       step += 1
       pending.append((step, metrics, local["task_id"]))
-      while len(pending) > lag:
-        done_step, done_metrics, task_ids = pending.pop(0)
-        done_metrics = jax.device_get(done_metrics)
-        check_finite(done_step, done_metrics, task_ids)
-        history.append(done_metrics)
+      drain(keep=lag)
       progress(step)
       if step % config.log_every == 0 or step == config.total_steps:
-        for done_step, done_metrics, task_ids in pending:
-          done_metrics = jax.device_get(done_metrics)
-          check_finite(done_step, done_metrics, task_ids)
-          history.append(done_metrics)
-        pending = []
+        drain(keep=0)
         means = {k: float(np.nanmean([h[k] for h in history])) for k in history[0]}
         writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
         history = []
@@ -490,8 +490,7 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
 
-  for done_step, done_metrics, task_ids in pending:
-    check_finite(done_step, jax.device_get(done_metrics), task_ids)
+  drain(keep=0)
   mngr.wait_until_finished()
   results = {}
   for split in ("validation", "test"):
