@@ -17,6 +17,8 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "numpy>=2.0,<3",
+    "pillow==13.0.0",  # Product photos -> embeddings (image_encoder.py).
+    "matplotlib==3.11.2",  # Plots of the HTML report.
     # clu's metric writers and periodic actions import TensorFlow and tensorboard.
     "tensorflow-cpu==2.21.0",
     "tensorboard==2.21.0",
@@ -31,6 +33,15 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.0.3", "pytest-timeout==2.4.0"],
+        "test": [
+            "pytest==9.0.3",
+            "pytest-timeout==2.4.0",
+            # The reference implementation for the parity tests (a CPU wheel where available).
+            "torch==2.13.0",
+            # Executes the notebooks in colabs/.
+            "nbclient==0.11.0",
+            "nbformat==5.11.1",
+            "ipykernel==7.4.0",
+        ],
     },
 )
