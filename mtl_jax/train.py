@@ -9,6 +9,7 @@ step count in the state is the only clock.
 import dataclasses
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -328,6 +329,13 @@ def prepare_data(config, workdir: epath.Path):
   else:
     tokenizer = tokenizer_lib.build_tokenizer(catalogue, str(workdir / "tokenizer"),
                                               config.data.vocab_size)
+  local = workdir / "tokenizer"
+  if not local.exists() and jax.process_index() == 0:
+    # A copy beside the checkpoints, so that the run predicts (mtl_jax.predict) and grows
+    # (mtl_jax.new_task) without the original directory or package.
+    tmp = workdir / f".tokenizer.tmp-{os.getpid()}"
+    tokenizer.save_pretrained(os.fspath(tmp))
+    tmp.rename(local)
   return catalogue, tokenizer
 
 
@@ -392,7 +400,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   def meta_for(state):
     return {"data_iterator": batches.state(), "config": config.to_json(),
             "task_table": task_table.to_json(), "num_adapter_slots": num_adapter_slots(state),
-            "num_tasks": trainer.num_tasks, "dypa_events": dypa_events}
+            "num_tasks": trainer.num_tasks, "dypa_events": dypa_events,
+            "model_spec": dataclasses.asdict(spec)}
 
   def checkpoint(state):
     checkpointing.save(mngr, int(state.step), state, meta_for(state), force=True)
