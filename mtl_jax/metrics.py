@@ -164,7 +164,6 @@ def expected_calibration_error(
   inner_edges = np.linspace(0.0, 1.0, num_bins + 1)[1:-1]
   # Number of inner edges strictly below the confidence = index of its right-closed bin.
   bins = np.searchsorted(inner_edges, confidences, side="left")
-  counts = np.bincount(bins, minlength=num_bins)
   confidence_sums = np.bincount(bins, weights=confidences, minlength=num_bins)
   correct_sums = np.bincount(bins, weights=correct, minlength=num_bins)
   # |sum(correct) - sum(confidence)| / N is n_b / N * |acc_b - conf_b|, and 0 for empty bins.

@@ -8,7 +8,6 @@ step count in the state is the only clock.
 """
 import dataclasses
 import functools
-import logging
 import os
 import signal
 import threading
