@@ -32,6 +32,7 @@ from mtl_jax import evaluation
 from mtl_jax import input_pipeline
 from mtl_jax import losses
 from mtl_jax import optim
+from mtl_jax import report_html
 from mtl_jax import sharding
 from mtl_jax import synthetic
 from mtl_jax import task_layers
@@ -352,6 +353,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   run early (after checkpointing) as a preemption would; tests use it. Returns the test summary
   (or the latest validation summary when stopped early).
   """
+  if "://" not in str(workdir):
+    workdir = os.path.abspath(workdir)  # Orbax refuses relative checkpoint paths.
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config_base.validate_config(config, jax.device_count(), jax.process_count())
@@ -510,6 +513,9 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
     _log_and_print(writer, int(state.step), split, rows, results[split])
   writer.flush()
   mngr.close()
+  if jax.process_index() == 0:
+    # The page reads the reports just written and the last checkpoint's DyPa events.
+    print(f"Report: {report_html.write_html_report(workdir)}", flush=True)
   return results["test"]
 
 
