@@ -73,9 +73,23 @@ def calibration_bins(probs_max, correct, num_bins: int = 15) -> dict:
   edges = np.linspace(0.0, 1.0, num_bins + 1)
   # The binning of metrics.expected_calibration_error: right-closed bins, 0 in the first.
   index = np.searchsorted(edges[1:-1], confidences, side="left")
-  counts = np.bincount(index, minlength=num_bins)
-  confidence_sums = np.bincount(index, weights=confidences, minlength=num_bins)
-  correct_sums = np.bincount(index, weights=correct, minlength=num_bins)
+  calibration = calibration_from_sums(
+      np.bincount(index, minlength=num_bins),
+      np.bincount(index, weights=confidences, minlength=num_bins),
+      np.bincount(index, weights=correct, minlength=num_bins))
+  ece = metrics.expected_calibration_error(confidences, correct, num_bins)
+  calibration["ece"] = None if math.isnan(ece) else ece
+  return calibration
+
+
+def calibration_from_sums(counts, confidence_sums, correct_sums) -> dict:
+  """The `calibration_bins` dict from per-bin example counts and sums (as the train loop's
+  evaluation accumulates them on device, one pass for accuracy and calibration)."""
+  counts, confidence_sums, correct_sums = (np.asarray(x, np.float64) for x in (
+      counts, confidence_sums, correct_sums))
+  num_bins = len(counts)
+  edges = np.linspace(0.0, 1.0, num_bins + 1)
+  total = counts.sum()
   bins = []
   for b in range(num_bins):
     n = int(counts[b])
@@ -85,9 +99,8 @@ def calibration_bins(probs_max, correct, num_bins: int = 15) -> dict:
         "accuracy": float(correct_sums[b] / n) if n else None,
         "count": n,
     })
-  ece = metrics.expected_calibration_error(confidences, correct, num_bins)
-  return {"num_examples": int(confidences.size), "num_bins": int(num_bins),
-          "ece": None if math.isnan(ece) else ece, "bins": bins}
+  ece = float(np.abs(correct_sums - confidence_sums).sum() / total) if total else None
+  return {"num_examples": int(total), "num_bins": int(num_bins), "ece": ece, "bins": bins}
 
 
 def write_calibration(workdir, calibration: dict, split: str = "test") -> epath.Path:

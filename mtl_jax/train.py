@@ -51,6 +51,9 @@ class TrainState:
   num_classes: jax.Array  # [T] int32: each task's class count.
 
 
+CALIBRATION_BINS = 15
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -259,8 +262,16 @@ class Trainer:
         batch["label"] < num_classes[task_ids])
     loss = jnp.where(weight > 0, loss, 0.0)
     total = lambda v: jax.ops.segment_sum(v * weight, task_ids, num_segments=self.num_tasks)
+    # Reliability-diagram sums: max-softmax confidence in CALIBRATION_BINS right-closed bins.
+    confidence = jnp.max(jax.nn.softmax(masked, axis=-1), axis=-1)
+    bins = jnp.searchsorted(jnp.linspace(0.0, 1.0, CALIBRATION_BINS + 1)[1:-1], confidence,
+                            side="left")
+    per_bin = lambda v: jax.ops.segment_sum(v * weight, bins, num_segments=CALIBRATION_BINS)
+    correct = jnp.argmax(masked, axis=-1) == batch["label"]
     return {"count": total(jnp.ones_like(weight)), "correct": total(rank == 0),
-            "correct_top5": total(rank < 5), "loss": total(loss)}
+            "correct_top5": total(rank < 5), "loss": total(loss),
+            "calibration_count": per_bin(jnp.ones_like(weight)),
+            "calibration_confidence": per_bin(confidence), "calibration_correct": per_bin(correct)}
 
   def predict_probs(self, params, adapter_map, num_classes, batch) -> jax.Array:
     """[B, C] class probabilities over each example's (trained) task classes."""
@@ -301,8 +312,10 @@ class Trainer:
                                              jax.process_index(), jax.process_count()):
       sums = step_fn(state.params, state.adapter_map, state.num_classes, self.global_batch(local))
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if totals is None:
-      return {k: np.zeros(self.num_tasks) for k in evaluation.SUM_KEYS}
+    if totals is None:  # An empty split.
+      return {**{k: np.zeros(self.num_tasks) for k in evaluation.SUM_KEYS},
+              **{f"calibration_{k}": np.zeros(CALIBRATION_BINS)
+                 for k in ("count", "confidence", "correct")}}
     return jax.tree.map(np.asarray, jax.device_get(totals))
 
 
@@ -505,11 +518,15 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   mngr.wait_until_finished()
   results = {}
   for split in ("validation", "test"):
-    rows = evaluation.task_rows(task_table, trainer.evaluate(state, catalogue, split, tokenizer),
-                                train_sizes, catalogue.skipped.get(split))
+    sums = trainer.evaluate(state, catalogue, split, tokenizer)
+    rows = evaluation.task_rows(task_table, sums, train_sizes, catalogue.skipped.get(split))
     results[split] = evaluation.summarize(rows)
     if jax.process_index() == 0:
       evaluation.write_report(workdir, split, int(state.step), rows, results[split])
+      if split == "test":
+        report_html.write_calibration(workdir, report_html.calibration_from_sums(
+            sums["calibration_count"], sums["calibration_confidence"],
+            sums["calibration_correct"]))
     _log_and_print(writer, int(state.step), split, rows, results[split])
   writer.flush()
   mngr.close()
