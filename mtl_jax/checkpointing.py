@@ -74,15 +74,31 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
   return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
 
 
-@jax.jit
-def _fingerprints(state):
-  return jax.tree.map(_leaf_fingerprint, state)
+_FINGERPRINT_FNS = {}  # Output sharding -> jitted fingerprint function.
+
+
+def _fingerprint_fn(state):
+  """The jitted fingerprint of a state; its outputs are replicated on the state's mesh, so that
+  every process of a multi-host run can read them."""
+  out_sharding = None
+  for leaf in jax.tree.leaves(state):
+    if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+      out_sharding = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+      break
+  if out_sharding not in _FINGERPRINT_FNS:
+    fingerprints = lambda tree: jax.tree.map(_leaf_fingerprint, tree)
+    _FINGERPRINT_FNS[out_sharding] = (jax.jit(fingerprints) if out_sharding is None else
+                                      jax.jit(fingerprints, out_shardings=out_sharding))
+  return _FINGERPRINT_FNS[out_sharding]
 
 
 def state_fingerprint(state) -> dict[str, list[int]]:
-  """{leaf path: [sum, weighted sum]} of every array of `state`, for the checkpoint's meta."""
-  sums = jax.device_get(_fingerprints(state))
-  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(value)]
+  """{leaf path: [sum, weighted sum]} (uint32 values) of every array of `state`, for the
+  checkpoint's meta."""
+  sums = jax.device_get(_fingerprint_fn(state)(state))
+  # Plain paths ("params/encoder/..."), the same whether the tree is a TrainState or a dict.
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          [int(v) for v in np.asarray(value)]
           for path, value in jax.tree_util.tree_leaves_with_path(sums)}
 
 
@@ -127,8 +143,13 @@ def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
       while target.exists():
         target = directory / CORRUPT_DIR / f"{step}-{stamp}-{suffix}"
         suffix += 1
-      target.parent.mkdir(parents=True, exist_ok=True)
-      source.rename(target)
+      try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+      except OSError as e:  # Left in place, the next save of this step would fail anyway.
+        raise CheckpointError(
+            f"Checkpoint {source} is damaged (see the warning above) and could not be moved to "
+            f"{target} ({e}). Move or remove it by hand, then run the same command again.") from e
       print(f"WARNING: moved unreadable checkpoint {source} to {target} (kept, not deleted) so "
             f"that step {step} can be saved again.", flush=True)
   if jax.process_count() > 1:

@@ -15,8 +15,22 @@ from etils import epath
 SUM_KEYS = ("count", "correct", "correct_top5", "loss")
 
 
-def task_rows(task_table, sums: dict, train_sizes, skipped: dict | None = None) -> list[dict]:
-  """One row per task from the per-task sums of one split."""
+def skipped_count(skipped: dict | None, task: str | None = None) -> int:
+  """Bad records skipped ({task: {reason: count}}): of `task`, or of every task when None
+  (records whose task is unknown included)."""
+  if not skipped:
+    return 0
+  per_task = [skipped.get(task, {})] if task is not None else skipped.values()
+  return int(sum(sum(reasons.values()) for reasons in per_task))
+
+
+def task_rows(task_table, sums: dict, train_sizes, skipped: dict | None = None,
+              train_skipped: dict | None = None) -> list[dict]:
+  """One row per task from the per-task sums of one split.
+
+  `skipped` and `train_skipped` ({task: {reason: count}}) are the bad records dropped from this
+  split and from the train split: a task that lost training data shows it in every report.
+  """
   rows = []
   num_classes = task_table.num_classes
   for t, name in enumerate(task_table.names):
@@ -31,13 +45,16 @@ def task_rows(task_table, sums: dict, train_sizes, skipped: dict | None = None) 
         "top5_accuracy": float(sums["correct_top5"][t] / count) if count and k > 5 else None,
         "loss": float(sums["loss"][t] / count) if count else None,
         "chance": 1.0 / k,
-        "skipped_records": int(sum((skipped or {}).get(name, {}).values())),
+        "skipped_records": skipped_count(skipped, name),
+        "skipped_train_records": skipped_count(train_skipped, name),
     })
   return rows
 
 
-def summarize(rows: list[dict]) -> dict:
-  """Macro averages over the tasks that have evaluation examples."""
+def summarize(rows: list[dict], skipped: dict | None = None,
+              train_skipped: dict | None = None) -> dict:
+  """Macro averages over the tasks that have evaluation examples, and totals of the bad records
+  skipped from this split and the train split (records of unknown tasks included)."""
   scored = [r for r in rows if r["accuracy"] is not None]
   if not scored:
     return {"tasks_evaluated": 0}
@@ -54,7 +71,8 @@ def summarize(rows: list[dict]) -> dict:
       "mean_loss": float(np.mean([r["loss"] for r in scored])),
       "min_accuracy": float(acc.min()),
       "median_accuracy": float(np.median(acc)),
-      "skipped_records": int(sum(r["skipped_records"] for r in rows)),
+      "skipped_records": skipped_count(skipped),
+      "skipped_train_records": skipped_count(train_skipped),
   }
 
 

@@ -519,8 +519,10 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   results = {}
   for split in ("validation", "test"):
     sums = trainer.evaluate(state, catalogue, split, tokenizer)
-    rows = evaluation.task_rows(task_table, sums, train_sizes, catalogue.skipped.get(split))
-    results[split] = evaluation.summarize(rows)
+    # Bad records skipped from this split and from the train split, per task and in total.
+    skipped = (catalogue.skipped.get(split, {}), catalogue.skipped.get("train", {}))
+    rows = evaluation.task_rows(task_table, sums, train_sizes, *skipped)
+    results[split] = evaluation.summarize(rows, *skipped)
     if jax.process_index() == 0:
       evaluation.write_report(workdir, split, int(state.step), rows, results[split])
       if split == "test":
