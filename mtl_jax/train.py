@@ -508,11 +508,11 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
         if any(preempted) and jax.process_index() == 0:
           print(f"Preempted: checkpoint written at step {step} in {mngr.directory}; run the "
                 "same command to resume.", flush=True)
+        if previous_handler is not None:
+          signal.signal(signal.SIGTERM, previous_handler)
         return last_summary
   finally:
     batches.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
 
   drain(keep=0)
   mngr.wait_until_finished()
@@ -535,6 +535,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   if jax.process_index() == 0:
     # The page reads the reports just written and the last checkpoint's DyPa events.
     print(f"Report: {report_html.write_html_report(workdir)}", flush=True)
+  if previous_handler is not None:  # A SIGTERM during the final evaluation lets it finish.
+    signal.signal(signal.SIGTERM, previous_handler)
   return results["test"]
 
 
