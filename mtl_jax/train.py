@@ -371,7 +371,14 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   workdir = epath.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   config_base.validate_config(config, jax.device_count(), jax.process_count())
-  catalogue, tokenizer = prepare_data(config, workdir)
+  if jax.process_index() == 0:
+    catalogue, tokenizer = prepare_data(config, workdir)
+  if jax.process_count() > 1:
+    # Process 0 prepares first; the others then reuse its files (a shared filesystem) or
+    # prepare their own copy, never racing on the same directory.
+    multihost_utils.sync_global_devices("mtl_jax: data prepared")
+    if jax.process_index() > 0:
+      catalogue, tokenizer = prepare_data(config, workdir)
   task_table = catalogue.task_table
   config_base.validate_against_data(config, task_table)
 
