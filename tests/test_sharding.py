@@ -17,10 +17,15 @@ SCRIPT = textwrap.dedent("""
     from tests.helpers import random_batch, tiny_config, tiny_trainer
     assert jax.device_count() == 8
     out = {}
-    for name, devices, data, model in [("one", jax.devices()[:1], 1, 1),
-                                       ("mesh", jax.devices(), 4, 2)]:
+    default_rules = tiny_config().sharding_rules
+    # FSDP-style: parameters' embed axis over `data` as well, and the heads split by task.
+    fsdp_rules = tuple((k, "data") if k == "embed" else (k, "model") if k == "task" else (k, v)
+                       for k, v in default_rules)
+    for name, devices, data, model, rules in [("one", jax.devices()[:1], 1, 1, default_rules),
+                                              ("mesh", jax.devices(), 4, 2, default_rules),
+                                              ("fsdp", jax.devices(), 4, 2, fsdp_rules)]:
       config = tiny_config(**{"mesh.data": data, "mesh.model": model, "model.dropout": 0.0,
-                              "model.num_heads": 2})
+                              "model.num_heads": 2, "sharding_rules": rules})
       trainer = tiny_trainer(config, devices=devices)
       state = trainer.create_state(jax.random.key(0))
       step = trainer.jitted_train_step(1)
@@ -30,7 +35,9 @@ SCRIPT = textwrap.dedent("""
         jax.block_until_ready(state)
         losses.append(float(metrics["loss"]))
       kernel = state.params["encoder"]["layers"]["mlp_in"]["kernel"]
+      heads = state.params["tasks"]["heads"]["kernel"]
       out[name] = {"losses": losses, "sharding": str(kernel.sharding.spec),
+                   "heads_sharding": str(heads.sharding.spec),
                    "params": [float(np.abs(np.asarray(x)).sum())
                               for x in jax.tree.leaves(state.params)]}
     print("RESULT" + json.dumps(out))
@@ -48,7 +55,11 @@ def test_eight_device_mesh_matches_one_device():
   out = json.loads(line[len("RESULT"):])
   # The mlp kernel really is split over the model axis on the mesh.
   assert "model" in out["mesh"]["sharding"], out["mesh"]["sharding"]
-  for a, b in zip(out["one"]["losses"], out["mesh"]["losses"]):
-    assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (out["one"]["losses"], out["mesh"]["losses"])
-  for a, b in zip(out["one"]["params"], out["mesh"]["params"]):
-    assert abs(a - b) <= 1e-4 * max(1.0, abs(a))
+  assert out["fsdp"]["sharding"] == "P(None, 'data', 'model')", out["fsdp"]
+  assert out["fsdp"]["heads_sharding"] == "P('model', 'data', None)", out["fsdp"]
+  for name in ("mesh", "fsdp"):
+    for a, b in zip(out["one"]["losses"], out[name]["losses"]):
+      assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (name, out["one"]["losses"],
+                                                     out[name]["losses"])
+    for a, b in zip(out["one"]["params"], out[name]["params"]):
+      assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), name
