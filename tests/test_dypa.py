@@ -112,6 +112,7 @@ def catalogue_dir(tmp_path_factory):
   return str(out)
 
 
+@pytest.mark.slow
 def test_resume_before_and_after_an_expansion_matches_an_uninterrupted_run(
     catalogue_dir, tmp_path, capsys):
   def config():

@@ -1,0 +1,212 @@
+"""DyPa on the synthetic catalogue: MTL with and without dynamic parameter allocation.
+
+  python experiments/dypa.py [--seeds 0,1,2] [--steps 800] [--fraction 0.25]
+
+For each seed (`config.seed`; the catalogue stays fixed) two runs of `configs/demo.py` with the
+same steps, data order and initialisation: plain MTL, and MTL with one DyPa allocation at half
+of training (`dypa.at_steps`, default selector: lowest validation accuracy). Up to the allocation
+both runs are the same computation, so the comparison is paired. The tasks DyPa selected are
+read from the DyPa run's checkpoint meta (`dypa_events`); both runs are scored on those tasks,
+on the others and on all, from their test reports. The task-specific parameter share of each
+final state comes from `dypa.allocation_summary`.
+
+The catalogue (16 tasks, generator seed 1) has several "fine" sites whose classes are sibling
+leaves, the hard tasks DyPa should find. Then the script times one host-side `dypa.expand` at
+1000 tasks with hidden 768 (`--expand_tasks 0` skips it): a cold call (trace and compile of the
+growth function for these shapes) and warm calls on the same input, with the XLA compile time
+inside each call read from `jax.monitoring`.
+
+Prints a table and writes experiments/results/dypa.json (command, date, hardware, every run).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import demo  # noqa: E402
+from experiments import common  # noqa: E402
+from mtl_jax import dypa  # noqa: E402
+
+# Synthetic catalogue: 16 sites, six of them "fine" (sibling-leaf classes), 300-2000 products.
+CATALOGUE = {"num_tasks": 16, "seed": 1, "min_products": 300, "max_products": 2000}
+# jax.monitoring events that make up a compilation.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def base_config(args):
+  config = demo.get_config()
+  common.set_fields(config, {
+      "total_steps": args.steps, "eval_every": args.dypa_at, "checkpoint_every": args.steps,
+      "log_every": 100, "dypa.fraction": args.fraction, "dypa.select": "lowest_accuracy",
+      "model.adapter_size": args.adapter_size, "model.adapter_layers": args.adapter_layers})
+  return config
+
+
+def task_means(rows: list[dict], selected: set[str]) -> dict:
+  """Mean test accuracy over the selected tasks, the unselected ones and all tasks."""
+  accuracy = {r["task"]: r["accuracy"] for r in rows if r["accuracy"] is not None}
+  mean = lambda names: float(np.mean([accuracy[n] for n in names])) if names else float("nan")
+  return {"selected": mean([n for n in accuracy if n in selected]),
+          "unselected": mean([n for n in accuracy if n not in selected]),
+          "all": mean(list(accuracy))}
+
+
+def one_seed(args, root, seed):
+  runs = {}
+  for variant in ("mtl", "mtl+dypa"):
+    config = base_config(args)
+    config.seed = seed
+    config.data.catalogue_dir = os.path.join(root, "catalogue")
+    if variant == "mtl+dypa":
+      config.dypa.at_steps = str(args.dypa_at)
+    workdir = common.fresh_workdir(root, f"{variant.replace('+', '_')}-seed{seed}")
+    result = common.train_run(config, workdir)
+    trainer, state, meta, catalogue, _ = common.restore_run(config, workdir)
+    allocation = dypa.allocation_summary(state, list(catalogue.task_table.names))
+    runs[variant] = {"workdir": workdir, "seconds": result["seconds"],
+                     "test_summary": result["test"], "rows": common.report_rows(workdir),
+                     "dypa_events": meta.get("dypa_events", []), "allocation": allocation}
+    print(f"  seed {seed} {variant:<9} mean test accuracy {result['test']['mean_accuracy']:.3f}"
+          f" ({result['seconds']:.0f} s)", flush=True)
+  events = runs["mtl+dypa"]["dypa_events"]
+  if len(events) != 1:
+    raise RuntimeError(f"expected one DyPa event in {runs['mtl+dypa']['workdir']}, got {events}")
+  selected = set(events[0]["tasks"])
+  for run in runs.values():
+    run["means"] = task_means(run["rows"], selected)
+  return {"seed": seed, "selected": sorted(selected),
+          "selected_scores": dict(zip(events[0]["tasks"], events[0]["scores"])), "runs": runs}
+
+
+def time_expand(num_tasks, hidden, max_classes, fraction, repeats):
+  """Seconds of `dypa.expand` at `num_tasks` tasks: a cold call, then warm calls."""
+  from tests.helpers import tiny_config, tiny_trainer  # The tests' tiny trainer, grown wide.
+  config = tiny_config(**{
+      "model.hidden_size": hidden, "model.num_heads": 12, "model.mlp_size": hidden,
+      "model.num_layers": 1, "model.max_classes": max_classes, "dypa.fraction": fraction})
+  rng = np.random.default_rng(0)
+  # Long-tailed class counts, the widest task at max_classes.
+  num_classes = np.clip(rng.zipf(1.6, num_tasks) + 1, 2, max_classes).astype(np.int32)
+  num_classes[0] = max_classes
+  trainer = tiny_trainer(config, num_classes)
+  state = trainer.create_state(jax.random.key(0))
+  jax.block_until_ready(state)
+  rows = [{"task": f"task{t:04d}", "accuracy": float(a), "loss": float(1 - a)}
+          for t, a in enumerate(rng.uniform(0.2, 0.95, num_tasks))]
+  compile_seconds = []
+  listener = lambda event, seconds, **_: (
+      compile_seconds.append(seconds) if event in COMPILE_EVENTS else None)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  calls = []
+  try:
+    for _ in range(repeats):
+      compile_seconds.clear()
+      start = time.perf_counter()
+      grown, event = dypa.expand(trainer, state, rows, step=1000)
+      jax.block_until_ready(grown)
+      calls.append({"seconds": time.perf_counter() - start,
+                    "compile_seconds": float(sum(compile_seconds)),
+                    "new_adapters": len(event["tasks"])})
+      del grown
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  state_mb = sum(x.nbytes for x in jax.tree.leaves(state)) / 2**20
+  return {"num_tasks": num_tasks, "hidden_size": hidden, "max_classes": max_classes,
+          "fraction": fraction, "state_mb": state_mb,
+          "parameters": dypa.allocation_summary(state, [r["task"] for r in rows]),
+          "calls": calls, "cold_seconds": calls[0]["seconds"],
+          "warm_seconds_median": float(np.median([c["seconds"] for c in calls[1:]]))
+          if len(calls) > 1 else None}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seeds", default="0,1,2", help="config.seed values, comma-separated")
+  parser.add_argument("--steps", type=int, default=800)
+  parser.add_argument("--dypa_at", type=int, default=0, help="allocation step (0: steps // 2)")
+  parser.add_argument("--fraction", type=float, default=0.25)
+  parser.add_argument("--adapter_size", type=int, default=32)
+  parser.add_argument("--adapter_layers", type=int, default=1)
+  parser.add_argument("--expand_tasks", type=int, default=1000, help="0: skip the timing")
+  parser.add_argument("--expand_hidden", type=int, default=768)
+  parser.add_argument("--expand_max_classes", type=int, default=128)
+  parser.add_argument("--expand_repeats", type=int, default=4)
+  parser.add_argument("--workdir", default="runs/experiments/dypa")
+  parser.add_argument("--out", default=common.default_out("dypa"))
+  args = parser.parse_args()
+  args.dypa_at = args.dypa_at or args.steps // 2
+  seeds = [int(s) for s in args.seeds.split(",")]
+  meta = common.run_metadata()
+  started = time.perf_counter()
+
+  root = os.path.abspath(args.workdir)
+  config = base_config(args)
+  config.data.catalogue_dir = common.make_catalogue(root, CATALOGUE, config)
+  common.prepare_shared(config, root)
+  print(f"DyPa experiment: {len(seeds)} seeds x (MTL, MTL+DyPa at step {args.dypa_at}) x "
+        f"{args.steps} steps, fraction {args.fraction}", flush=True)
+  per_seed = [one_seed(args, root, seed) for seed in seeds]
+  training_seconds = time.perf_counter() - started
+
+  summary = {}
+  for variant in ("mtl", "mtl+dypa"):
+    summary[variant] = {
+        part: common.mean_std([s["runs"][variant]["means"][part] for s in per_seed])
+        for part in ("selected", "unselected", "all")}
+    summary[variant]["task_specific_share"] = common.mean_std(
+        [s["runs"][variant]["allocation"]["task_specific_share"] for s in per_seed])
+    summary[variant]["adapter_share"] = common.mean_std(
+        [s["runs"][variant]["allocation"]["adapter_share"] for s in per_seed])
+  summary["gain"] = {
+      part: common.mean_std([s["runs"]["mtl+dypa"]["means"][part]
+                             - s["runs"]["mtl"]["means"][part] for s in per_seed])
+      for part in ("selected", "unselected", "all")}
+
+  headers = ["variant", "selected tasks", "unselected tasks", "all tasks",
+             "task-specific params", "adapter params"]
+  table_rows = [[v, common.fmt(summary[v]["selected"]), common.fmt(summary[v]["unselected"]),
+                 common.fmt(summary[v]["all"]),
+                 f"{100 * summary[v]['task_specific_share']['mean']:.2f}%",
+                 f"{100 * summary[v]['adapter_share']['mean']:.2f}%"]
+                for v in ("mtl", "mtl+dypa")]
+  table_rows.append(["gain (paired)", common.fmt(summary["gain"]["selected"]),
+                     common.fmt(summary["gain"]["unselected"]), common.fmt(summary["gain"]["all"]),
+                     "", ""])
+  table = common.format_table(headers, table_rows)
+  print(f"\nMean per-task test accuracy, mean ± std over seeds {seeds}:")
+  print(table)
+  for s in per_seed:
+    print(f"  seed {s['seed']}: DyPa selected {', '.join(s['selected'])}")
+
+  expand_timing = None
+  if args.expand_tasks:
+    expand_timing = time_expand(args.expand_tasks, args.expand_hidden, args.expand_max_classes,
+                                args.fraction, args.expand_repeats)
+    calls = expand_timing["calls"]
+    print(f"\ndypa.expand at {args.expand_tasks} tasks, hidden {args.expand_hidden}, "
+          f"max_classes {args.expand_max_classes} (state {expand_timing['state_mb']:.0f} MB, "
+          f"+{calls[0]['new_adapters']} adapters):")
+    for i, c in enumerate(calls):
+      print(f"  call {i} ({'cold' if i == 0 else 'warm'}): {c['seconds']:.3f} s, of which "
+            f"{c['compile_seconds']:.3f} s tracing/lowering/compiling")
+
+  total_seconds = time.perf_counter() - started
+  common.write_json(args.out, {
+      **meta, "experiment": "dypa", "args": vars(args), "catalogue": CATALOGUE,
+      "base_config": "configs/demo.py", "seeds": seeds, "summary": summary, "table": table,
+      "per_seed": [{**s, "runs": {v: {k: r[k] for k in r if k != "rows"} | {"test_rows": r["rows"]}
+                                  for v, r in s["runs"].items()}} for s in per_seed],
+      "expand_timing": expand_timing, "training_seconds": training_seconds,
+      "total_seconds": total_seconds})
+  print(f"\nTotal {total_seconds:.0f} s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
