@@ -348,7 +348,8 @@ def main():
   common.write_json(args.out, {
       **meta, "experiment": "augmentations", "args": vars(args), "catalogue": CATALOGUE,
       "base_config": "configs/demo.py", "seeds": seeds, "minilm_catalogue": minilm_info,
-      "summary": summary, "table": table, "gain_table": gain_table, "reliability_bins": bins, "num_bins": NUM_BINS,
+      "summary": summary, "table": table, "gain_table": gain_table,
+      "reliability_bins": bins, "num_bins": NUM_BINS,
       "runs": runs, "total_seconds": total_seconds,
       "training": training or {k: meta[k] for k in ("command", "date", "hardware")} | {
           "total_seconds": total_seconds}})
