@@ -132,7 +132,14 @@ def read_dypa_events(workdir) -> tuple[list[dict] | None, dict | None]:
     return None, None
   import orbax.checkpoint as ocp  # Local: reading reports alone needs no orbax.
 
-  mngr = ocp.CheckpointManager(directory, item_names=("state", "meta"))
+  import jax  # Local, as above.
+  # This process alone: in a multi-process run only process 0 writes the report, and a manager
+  # spanning every process would wait at barriers the others never reach.
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                             active_processes={jax.process_index()})
+  mngr = ocp.CheckpointManager(directory, item_names=("state", "meta"),
+                               options=ocp.CheckpointManagerOptions(
+                                   multiprocessing_options=alone, create=False))
   try:
     step = mngr.latest_step()
     if step is None:

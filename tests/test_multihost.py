@@ -89,15 +89,17 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_together(commands, log_dir, timeout):
+def _run_together(commands, log_dir, timeout, collective_timeout=60):
   """Starts every command at once; returns their (returncode, stdout, stderr, pid).
 
   Output goes to files, not pipes: a process blocked on a full pipe would stall its peer in
-  a collective.
+  a collective. A collective waits at most `collective_timeout` seconds for its peers (Gloo's
+  connection set-up too), so a hang fails instead of waiting for the test's timeout.
   """
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
-             # One device per process, and a collective that hangs fails instead of waiting.
-             XLA_FLAGS="--xla_cpu_collective_call_terminate_timeout_seconds=60")
+             # One device per process: no --xla_force_host_platform_device_count.
+             XLA_FLAGS=f"--xla_cpu_collective_call_terminate_timeout_seconds="
+                       f"{collective_timeout}")
   procs, logs = [], []
   for i, command in enumerate(commands):
     logs.append((log_dir / f"process{i}.out", log_dir / f"process{i}.err"))
@@ -153,11 +155,13 @@ def test_two_processes_match_one_process_on_the_whole_batch(tmp_path):
 @pytest.mark.slow
 def test_two_process_run_writes_once_and_checkpoints_together(tmp_path):
   """`train_and_evaluate` in two processes sharing a workdir: process 0 alone prepares the data,
-  prints and writes reports and summaries; both take part in each Orbax checkpoint."""
+  prints, and writes the reports (JSON, HTML) and summaries; both take part in each Orbax
+  checkpoint."""
   port = str(_free_port())
   workdir = tmp_path / "run"
+  # Process 1 waits in a collective while process 0 generates and prepares the catalogue.
   results = _run_together([(RUN_WORKER, str(workdir), "2", str(i), port) for i in range(2)],
-                          tmp_path, timeout=500)
+                          tmp_path, timeout=500, collective_timeout=240)
   _check_ok(results)
   outputs = []
   for _, out, _, pid in results:
@@ -169,9 +173,15 @@ def test_two_process_run_writes_once_and_checkpoints_together(tmp_path):
   assert outputs[0]["summary"]["tasks_evaluated"] == 6
   report = json.loads((workdir / "reports" / "test.json").read_text())
   assert report["summary"] == outputs[0]["summary"]
+  # Only process 0 prepared the catalogue (TFDS announces it); process 1 opened its files.
+  prepared = "Downloading and preparing dataset"
+  assert prepared in results[0][1] + results[0][2]
+  assert prepared not in results[1][1] + results[1][2]
   # Only process 0 prints progress and tables, and writes the one event file.
   assert "step 6/6" in results[0][1] and "test: 6 tasks" in results[0][1]
   assert "step " not in results[1][1] and "test:" not in results[1][1]
+  assert "Report:" in results[0][1] and "Report:" not in results[1][1]
+  assert (workdir / "reports" / "report.html").exists()
   events = [p.name for p in workdir.iterdir() if p.name.startswith("events.out.tfevents")]
   assert len(events) == 1 and f".{results[0][3]}." in events[0], events
 
