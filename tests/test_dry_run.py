@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_sizes(config):
   """Element counts written out from the architecture (model.py, task_layers.py, optim.py)."""
   m, d = config.model, config.data
-  V, L, H, M, N = d.vocab_size, d.max_text_len, m.hidden_size, m.mlp_size, m.num_layers
+  V = -(-d.vocab_size // 128) * 128  # train.model_spec pads the word table to a multiple of 128.
+  L, H, M, N = d.max_text_len, m.hidden_size, m.mlp_size, m.num_layers
   D, K = d.synthetic.image_dim, d.synthetic.max_images
   T, C, A, r = d.synthetic.num_tasks, m.max_classes, 1, m.adapter_size
   embeddings = (V * H + L * H + 2 * H  # Word, position, token-type tables.

@@ -103,7 +103,9 @@ def test_baselines_for_two_tasks_then_compare_with_the_multi_task_run(tmp_path_f
   # One vocabulary for every baseline: the one the multi-task run built from the same catalogue.
   assert (workdir / "tokenizer" / "vocab.txt").read_text() == (
       mtl / "tokenizer" / "vocab.txt").read_text()
-  assert not (workdir / "tasks" / "site0001" / "tokenizer").exists()
+  # Each baseline keeps a copy of the shared vocabulary beside its checkpoints.
+  assert (workdir / "tasks" / "site0001" / "tokenizer" / "vocab.txt").read_text() == (
+      mtl / "tokenizer" / "vocab.txt").read_text()
 
   result = single_task.compare(mtl, workdir)
   mtl_rows = {r["task"]: r for r in json.loads((mtl / "reports" / "test.json").read_text())
