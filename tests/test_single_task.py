@@ -104,8 +104,9 @@ def test_baselines_for_two_tasks_then_compare_with_the_multi_task_run(tmp_path_f
   assert (workdir / "tokenizer" / "vocab.txt").read_text() == (
       mtl / "tokenizer" / "vocab.txt").read_text()
   # Each baseline keeps a copy of the shared vocabulary beside its checkpoints.
-  assert (workdir / "tasks" / "site0001" / "tokenizer" / "vocab.txt").read_text() == (
-      mtl / "tokenizer" / "vocab.txt").read_text()
+  from mtl_jax import tokenizer as tokenizer_lib
+  copied = tokenizer_lib.load_tokenizer(workdir / "tasks" / "site0001" / "tokenizer")
+  assert copied.get_vocab() == tokenizer_lib.load_tokenizer(mtl / "tokenizer").get_vocab()
 
   result = single_task.compare(mtl, workdir)
   mtl_rows = {r["task"]: r for r in json.loads((mtl / "reports" / "test.json").read_text())
