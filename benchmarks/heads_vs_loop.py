@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks.common import long_tailed_classes, make_batches  # noqa: E402
 from mtl_jax import optim, sharding, train  # noqa: E402
 from mtl_jax.model import Encoder, ModelSpec  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
@@ -50,31 +51,6 @@ def make_spec(config):
                    image_dim=IMAGE_DIM, max_images=MAX_IMAGES, hidden_size=m.hidden_size,
                    num_layers=m.num_layers, num_heads=m.num_heads, mlp_size=m.mlp_size,
                    dropout=m.dropout)
-
-
-def long_tailed_classes(num_tasks, max_classes, seed=0):
-  """Most tasks far narrower than the widest, as in real catalogues."""
-  num_classes = np.clip(np.random.default_rng(seed).zipf(1.6, num_tasks) + 1, 2, max_classes)
-  num_classes[0] = max_classes
-  return num_classes.astype(np.int32)
-
-
-def make_batches(count, batch_size, text_len, num_classes, seed=0):
-  rng = np.random.default_rng(seed)
-  batches = []
-  for _ in range(count):
-    task_id = rng.integers(0, len(num_classes), batch_size).astype(np.int32)
-    num_images = rng.integers(0, MAX_IMAGES + 1, batch_size)
-    batches.append({
-        "token_ids": rng.integers(1, VOCAB, (batch_size, text_len)).astype(np.int32),
-        "token_mask": (np.arange(text_len)[None] < rng.integers(4, text_len + 1, (
-            batch_size, 1))).astype(np.int32),
-        "images": rng.normal(size=(batch_size, MAX_IMAGES, IMAGE_DIM)).astype(np.float32),
-        "image_mask": (np.arange(MAX_IMAGES)[None] < num_images[:, None]).astype(np.int32),
-        "task_id": task_id,
-        "label": (rng.integers(0, 1 << 20, batch_size) % num_classes[task_id]).astype(np.int32),
-    })
-  return batches
 
 
 class LoopHeads(nn.Module):
@@ -156,7 +132,7 @@ def measure(num_tasks, args):
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   trainer = train.Trainer(config, spec, num_classes, mesh)
   batches = [trainer.global_batch(b) for b in make_batches(
-      args.steps + 2, args.batch_size, args.text_len, num_classes)]
+      args.steps + 2, spec, args.batch_size, num_classes)]
 
   state = trainer.create_state(jax.random.key(0))
   encoder_params = jax.tree.map(jnp.copy, state.params["encoder"])  # The loop starts alike.

@@ -31,32 +31,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.common import make_batches  # noqa: E402
+
 LAYOUTS = (("1 device", 1, 1), ("data=8", 8, 1), ("data=4 x model=2", 4, 2))
 
 
 def load_config(name: str):
   module, _, variant = name.partition(":")
   return importlib.import_module(f"configs.{module}").get_config(variant)
-
-
-def make_batches(count, spec, batch_size, num_classes, seed=0):
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  text_len, k = spec.max_positions, spec.max_images
-  batches = []
-  for _ in range(count):
-    task_id = rng.integers(0, len(num_classes), batch_size).astype(np.int32)
-    num_images = rng.integers(0, k + 1, batch_size)
-    batches.append({
-        "token_ids": rng.integers(1, spec.vocab_size, (batch_size, text_len)).astype(np.int32),
-        "token_mask": (np.arange(text_len)[None] < rng.integers(4, text_len + 1, (
-            batch_size, 1))).astype(np.int32),
-        "images": rng.normal(size=(batch_size, k, spec.image_dim)).astype(np.float32),
-        "image_mask": (np.arange(k)[None] < num_images[:, None]).astype(np.int32),
-        "task_id": task_id,
-        "label": (rng.integers(0, 1 << 20, batch_size) % num_classes[task_id]).astype(np.int32),
-    })
-  return batches
 
 
 def worker(names, steps):

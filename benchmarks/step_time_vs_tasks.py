@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import long_tailed_classes  # noqa: E402
 from tests.helpers import random_batch, tiny_config, tiny_trainer  # noqa: E402
 
 
@@ -27,10 +28,7 @@ def measure(num_tasks, mode, steps, batch_size, hidden, max_classes):
                           "model.mlp_size": 4 * hidden, "model.num_layers": 2,
                           "model.num_heads": 4, "model.max_classes": max_classes,
                           "batch_size": batch_size, "data.max_text_len": 32})
-  rng = np.random.default_rng(0)
-  # Long-tailed class counts, as in real catalogues: most tasks far narrower than the widest.
-  num_classes = np.clip(rng.zipf(1.6, num_tasks) + 1, 2, max_classes).astype(np.int32)
-  num_classes[0] = max_classes
+  num_classes = long_tailed_classes(num_tasks, max_classes)
   trainer = tiny_trainer(config, num_classes)
   state = trainer.create_state(jax.random.key(0))
   step = trainer.jitted_train_step(1)

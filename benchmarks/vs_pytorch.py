@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import long_tailed_classes, make_batches  # noqa: E402
 from mtl_jax import sharding, train  # noqa: E402
 from mtl_jax.model import ModelSpec  # noqa: E402
 
@@ -54,31 +55,6 @@ def make_spec(config) -> ModelSpec:
                    image_dim=d.synthetic.image_dim, max_images=d.synthetic.max_images,
                    hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
                    mlp_size=m.mlp_size, dropout=m.dropout)
-
-
-def long_tailed_classes(num_tasks, max_classes, seed=0):
-  num_classes = np.clip(np.random.default_rng(seed).zipf(1.6, num_tasks) + 1, 2, max_classes)
-  num_classes[0] = max_classes
-  return num_classes.astype(np.int32)
-
-
-def make_batches(count, spec, batch_size, num_classes, seed=0):
-  rng = np.random.default_rng(seed)
-  text_len, k = spec.max_positions, spec.max_images
-  batches = []
-  for _ in range(count):
-    task_id = rng.integers(0, len(num_classes), batch_size).astype(np.int32)
-    num_images = rng.integers(0, k + 1, batch_size)
-    batches.append({
-        "token_ids": rng.integers(1, spec.vocab_size, (batch_size, text_len)).astype(np.int32),
-        "token_mask": (np.arange(text_len)[None] < rng.integers(4, text_len + 1, (
-            batch_size, 1))).astype(np.int32),
-        "images": rng.normal(size=(batch_size, k, spec.image_dim)).astype(np.float32),
-        "image_mask": (np.arange(k)[None] < num_images[:, None]).astype(np.int32),
-        "task_id": task_id,
-        "label": (rng.integers(0, 1 << 20, batch_size) % num_classes[task_id]).astype(np.int32),
-    })
-  return batches
 
 
 def build_ours(config, spec, num_classes, batches):
