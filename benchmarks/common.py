@@ -1,5 +1,13 @@
-"""Inputs shared by the benchmarks: long-tailed class counts and random batches for a spec."""
+"""Inputs shared by the benchmarks: configs by name, long-tailed class counts, random batches."""
+import importlib
+
 import numpy as np
+
+
+def load_config(name: str):
+  """"demo" or "mtl100:cpu" -> that config file's ConfigDict."""
+  module, _, variant = name.partition(":")
+  return importlib.import_module(f"configs.{module}").get_config(variant)
 
 
 def long_tailed_classes(num_tasks, max_classes, seed=0):

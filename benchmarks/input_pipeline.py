@@ -17,7 +17,6 @@ Times are medians over batches/steps, each step awaited; the last two kinds of s
 benchmarks/results/input_pipeline.json.
 """
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -30,12 +29,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
+from benchmarks.common import load_config  # noqa: E402
 from mtl_jax import input_pipeline, sharding, train  # noqa: E402
-
-
-def load_config(name: str):
-  module, _, variant = name.partition(":")
-  return importlib.import_module(f"configs.{module}").get_config(variant)
 
 
 def measure(name, catalogue, tokenizer, args):

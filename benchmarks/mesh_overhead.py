@@ -20,7 +20,6 @@ measure partitioning and collective overhead, not a speed-up. Prints a table and
 benchmarks/results/mesh_overhead.json.
 """
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -31,14 +30,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import make_batches  # noqa: E402
+from benchmarks.common import load_config, make_batches  # noqa: E402
 
 LAYOUTS = (("1 device", 1, 1), ("data=8", 8, 1), ("data=4 x model=2", 4, 2))
-
-
-def load_config(name: str):
-  module, _, variant = name.partition(":")
-  return importlib.import_module(f"configs.{module}").get_config(variant)
 
 
 def worker(names, steps):

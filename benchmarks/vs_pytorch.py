@@ -24,7 +24,6 @@ in the environment to remove it.) Prints a table and writes
 benchmarks/results/vs_pytorch.json.
 """
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -36,14 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import long_tailed_classes, make_batches  # noqa: E402
+from benchmarks.common import load_config, long_tailed_classes, make_batches  # noqa: E402
 from mtl_jax import sharding, train  # noqa: E402
 from mtl_jax.model import ModelSpec  # noqa: E402
 
 
-def load_config(name: str, batch_size: int):
-  module, _, variant = name.partition(":")
-  config = importlib.import_module(f"configs.{module}").get_config(variant)
+def load_sized_config(name: str, batch_size: int):
+  config = load_config(name)
   if batch_size:
     config.batch_size = batch_size
   return config
@@ -165,7 +163,7 @@ def main():
   import torch  # Local: only this benchmark needs it.
   rows = []
   for name in args.configs.split(","):
-    config = load_config(name, args.batch_size)
+    config = load_sized_config(name, args.batch_size)
     spec = make_spec(config)
     num_classes = long_tailed_classes(config.data.synthetic.num_tasks, config.model.max_classes)
     batches = make_batches(args.steps + 2, spec, config.batch_size, num_classes)
