@@ -28,7 +28,8 @@ setup(
     name="mtl_jax",
     version="0.1.0",
     description=__doc__,
-    packages=find_packages(include=["mtl_jax", "mtl_jax.*"]),
+    # `configs` too, so that a config's `from configs import common` works from any directory.
+    packages=find_packages(include=["mtl_jax", "mtl_jax.*", "configs"]),
     package_data={"mtl_jax": ["data/*.txt"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,

@@ -7,11 +7,19 @@ Expected result: on a 1000-site synthetic catalogue, mean per-task test accuracy
 mean chance level; the step time is set by the encoder and batch, not the number of tasks.
 Variants: `:cpu` (same task count, a tiny model and few steps, to check the pipeline on CPU).
 """
-from mtl_jax import config_base
+from configs import common
+
+
+def _cpu(c):
+  common.small_cpu_model(c)
+  c.data.synthetic.max_products = 400
+  c.batch_size = 64
+  c.eval_batch_size = 512
+  common.schedule(c, total_steps=300, eval_every=300)
 
 
 def get_config(variant: str = ""):
-  c = config_base.base_config()
+  c = common.base_config()
   c.data.synthetic.num_tasks = 1000
   c.data.synthetic.min_products = 40
   c.data.synthetic.max_products = 20000
@@ -33,26 +41,7 @@ def get_config(variant: str = ""):
   c.optimizer.warmup_steps = 2000
   c.batch_size = 512
   c.eval_batch_size = 1024
-  c.total_steps = 100000
-  c.log_every = 100
-  c.eval_every = 10000
-  c.checkpoint_every = 2000
+  common.schedule(c, total_steps=100000, eval_every=10000, checkpoint_every=2000,
+                  log_every=100)
   c.max_to_keep = 3
-  if variant == "cpu":
-    c.data.synthetic.max_products = 400
-    c.model.hidden_size = 64
-    c.model.num_layers = 2
-    c.model.num_heads = 4
-    c.model.mlp_size = 128
-    c.model.adapter_size = 16
-    c.model.dtype = "float32"
-    c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 50
-    c.batch_size = 64
-    c.eval_batch_size = 512
-    c.total_steps = 300
-    c.eval_every = 300
-    c.checkpoint_every = 300
-  elif variant:
-    raise ValueError(f"Unknown variant {variant!r} of configs/mtl1000.py: use '' or 'cpu'.")
-  return c
+  return common.apply_variant(c, variant, {"cpu": _cpu}, "mtl1000")

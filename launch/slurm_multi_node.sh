@@ -30,6 +30,8 @@ usage() {
   cat <<'EOF'
 Usage: sbatch [SBATCH_OPTIONS] launch/slurm_multi_node.sh [--dry-run] [-- MAIN_FLAGS...]
        launch/slurm_multi_node.sh --dry-run      (inside an allocation, e.g. under salloc)
+       SLURM_JOB_ID=1 SLURM_JOB_NODELIST='gpu-[001-004]' SLURM_NTASKS=4 SLURM_GPUS_ON_NODE=8 \
+         WORKDIR=... launch/slurm_multi_node.sh --dry-run      (anywhere: stand-in values)
 
 Runs, with one task per node (see the comment at the top of this script for why):
   srun ... python -m mtl_jax.main --config=$CONFIG --workdir=$WORKDIR --distributed
@@ -39,7 +41,9 @@ are passed as --coordinator_address, --num_processes and --process_id.
 
 Options:
   -n, --dry-run   print every command (prefixed "+ ") instead of running it; also DRY_RUN=1
-                  (scontrol show hostnames still runs: the printed commands need the hosts)
+                  (scontrol show hostnames still runs where it exists: the printed commands
+                  need the hosts; outside SLURM, with no scontrol, the dry run expands
+                  SLURM_JOB_NODELIST itself, e.g. gpu-[001-004] or a,b, and says so)
   -h, --help      this message
   -- FLAGS...     extra flags for mtl_jax.main, e.g. -- --config.batch_size=2048
 
@@ -97,6 +101,64 @@ set_env() {
   else
     printf '+ export %s=%s\n' "$1" "$(quote "$2")" >&2
   fi
+}
+
+# expand_nodelist LIST: one host per line, the way `scontrol show hostnames LIST` prints them, for
+# the common forms of a SLURM host list: "host", "a,b,c", "gpu-[001-004]", "n[1,3,8-10]",
+# "rack[1-2]-n[01-02]" and commas between such items. Numbers keep the width of a range's first
+# number ("[08-10]": 08 09 10). Fails (status 1) on anything else. Used only by a dry run
+# outside SLURM, where there is no scontrol to ask.
+expand_nodelist() {
+  local list=$1 item="" depth=0 c i
+  for ((i = 0; i < ${#list}; i++)); do
+    c=${list:i:1}
+    case $c in
+      '[') depth=$((depth + 1)) ;;
+      ']') depth=$((depth - 1)); [[ $depth -ge 0 ]] || return 1 ;;
+      ',')
+        if [[ $depth -eq 0 ]]; then
+          expand_hostname "$item" || return 1
+          item=""
+          continue
+        fi ;;
+    esac
+    item+=$c
+  done
+  [[ $depth -eq 0 ]] || return 1
+  expand_hostname "$item"
+}
+
+# expand_hostname ITEM: the hosts of one comma-free item (its first [...] group expanded, the
+# rest recursively).
+expand_hostname() {
+  local host=$1 prefix rest spec range lo hi n
+  local -a ranges
+  [[ -n $host ]] || return 1
+  if [[ $host != *'['* ]]; then
+    [[ $host =~ ^[A-Za-z0-9._-]+$ ]] || return 1
+    printf '%s\n' "$host"
+    return 0
+  fi
+  prefix=${host%%\[*}
+  rest=${host#*\[}
+  spec=${rest%%\]*}
+  rest=${rest#*\]}
+  [[ $spec =~ ^[0-9,-]+$ ]] || return 1
+  IFS=, read -r -a ranges <<<"$spec"
+  [[ ${#ranges[@]} -gt 0 ]] || return 1
+  for range in "${ranges[@]}"; do
+    if [[ $range =~ ^([0-9]+)-([0-9]+)$ ]]; then
+      lo=${BASH_REMATCH[1]} hi=${BASH_REMATCH[2]}
+    elif [[ $range =~ ^[0-9]+$ ]]; then
+      lo=$range hi=$range
+    else
+      return 1
+    fi
+    [[ $((10#$lo)) -le $((10#$hi)) ]] || return 1
+    for ((n = 10#$lo; n <= 10#$hi; n++)); do
+      expand_hostname "$prefix$(printf '%0*d' "${#lo}" "$n")$rest" || return 1
+    done
+  done
 }
 
 # The GPU XLA flags of gpu_single_host.sh (documented there): overlap the gradient all-reduce
@@ -161,12 +223,23 @@ cd "$REPO_DIR"
 [[ -f ${CONFIG%%:*} ]] || die "CONFIG=$CONFIG: no file ${CONFIG%%:*} in $REPO_DIR"
 
 # The coordinator is process 0's host: the first host of the allocation.
-command -v scontrol >/dev/null 2>&1 || die "scontrol is not on PATH: run this inside a SLURM job"
-hostnames=$(scontrol show hostnames "$SLURM_JOB_NODELIST") ||
-  die "scontrol show hostnames '$SLURM_JOB_NODELIST' failed"
-first_host=${hostnames%%$'\n'*}
-[[ -n $first_host ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' returned no host"
+if command -v scontrol >/dev/null 2>&1; then
+  hostnames=$(scontrol show hostnames "$SLURM_JOB_NODELIST") ||
+    die "scontrol show hostnames '$SLURM_JOB_NODELIST' failed"
+  first_host=${hostnames%%$'\n'*}
+  [[ -n $first_host ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' returned no host"
+elif dry; then
+  # A dry run outside SLURM (a laptop, CI): the host list is expanded here instead.
+  hostnames=$(expand_nodelist "$SLURM_JOB_NODELIST") ||
+    die "scontrol is not on PATH and this dry run cannot expand SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST' itself (it knows forms like gpu-[001-004],gpu-010): give a list of that form, or run the dry run inside an allocation (salloc), where scontrol is on PATH"
+  first_host=${hostnames%%$'\n'*}
+else
+  die "scontrol is not on PATH: run this inside a SLURM job (outside SLURM only --dry-run works)"
+fi
 num_nodes=$(printf '%s\n' "$hostnames" | grep -c .)
+if ! command -v scontrol >/dev/null 2>&1; then
+  log "dry run outside SLURM (no scontrol on PATH): stand-in hosts ${hostnames//$'\n'/,} expanded by this script from SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'; SLURM_JOB_ID, SLURM_NTASKS and the GPU count are the values you set, not a real allocation's"
+fi
 
 if [[ -n ${COORDINATOR_PORT:-} ]]; then
   port=$COORDINATOR_PORT

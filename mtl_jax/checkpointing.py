@@ -33,14 +33,6 @@ class CheckpointError(RuntimeError):
   pass
 
 
-def manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      epath.Path(workdir) / "checkpoints",
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True),
-      item_names=("state", "meta"))
-
-
 # --- Fingerprints ------------------------------------------------------------------------------
 
 def _as_uint32(x: jax.Array) -> jax.Array:
@@ -103,14 +95,18 @@ def state_fingerprint(state) -> dict[str, list[int]]:
 
 
 def _check_fingerprint(state, meta: dict, path: epath.Path) -> None:
+  """Compares the restored arrays (all of a state, or the part a partial restore read) with the
+  fingerprints saved with them."""
   saved = meta.get(FINGERPRINT_KEY)
   if saved is None:  # Written before fingerprints existed: nothing to compare.
     return
   restored = state_fingerprint(state)
-  differ = sorted(k for k in saved.keys() | restored.keys() if saved.get(k) != restored.get(k))
-  if differ:
-    shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
-    raise CheckpointError(f"{path}: the bytes of {len(differ)} state arrays differ from when they "
+  missing = sorted(restored.keys() - saved.keys())
+  differ = sorted(k for k in restored.keys() & saved.keys() if saved[k] != restored[k])
+  if missing or differ:
+    bad = differ + missing
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise CheckpointError(f"{path}: the bytes of {len(bad)} state arrays differ from when they "
                           f"were saved ({shown}): the files were damaged after the save.")
 
 
@@ -124,6 +120,33 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, force: bool 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, target, meta: dict | None = None,
+            partial: bool = False):
+  """The arrays of checkpoint `step`, checked against their saved fingerprints.
+
+  Every restore goes through here, whatever the command, so that a damaged file is never read
+  as valid numbers. `target` holds ShapeDtypeStructs (with shardings) of the whole state or,
+  with `partial`, of a subset of its top-level fields (a dict: e.g. params for inference).
+
+  Raises:
+    CheckpointError: the files do not read back, or their bytes differ from when saved.
+  """
+  path = epath.Path(mngr.directory) / str(step)
+  meta = read_meta(mngr, step) if meta is None else meta
+  try:
+    if partial:
+      args = ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True)
+    else:
+      args = ocp.args.StandardRestore(target)
+    state = mngr.restore(step, args=ocp.args.Composite(state=args)).state
+  except Exception as e:  # Orbax/TensorStore errors on truncated or missing files.
+    raise CheckpointError(f"{path} does not read back: {_short(e)}") from e
+  _check_fingerprint(state, meta, path)
+  return state
 
 
 def _short(error: Exception) -> str:
@@ -157,13 +180,21 @@ def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
   mngr.reload()
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state_fn):
+def _report_unreadable(path, error) -> None:
+  logging.error("Checkpoint %s could not be restored: %s", path, error)
+  if jax.process_index() == 0:
+    print(f"WARNING: skipping unreadable checkpoint {path}: {_short(error)}", flush=True)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state_fn, check_meta=None):
   """Restores the newest checkpoint that reads back whole; None if there is none.
 
   `abstract_state_fn(meta)` returns the state's ShapeDtypeStructs (with shardings) for that
   checkpoint: shapes can depend on the checkpoint (DyPa grows the adapter array). A step that
   fails to restore, or whose arrays do not match the fingerprints saved with them, is reported
   (with its path) and the previous step is tried; see the module docstring for what happens to it.
+  `check_meta(meta, path)` runs before any array is read and its errors pass through: a
+  checkpoint of another run is refused, never mistaken for a damaged one and moved aside.
 
   Returns:
     (step, state, meta) or None.
@@ -177,18 +208,21 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state_fn):
     path = epath.Path(mngr.directory) / str(step)
     try:
       meta = read_meta(mngr, step)
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state_fn(meta))))
-      _check_fingerprint(restored.state, meta, path)
     except Exception as e:  # A damaged checkpoint must not stop the resume from an older one.
-      logging.error("Checkpoint %s could not be restored: %s", path, e)
-      if jax.process_index() == 0:
-        print(f"WARNING: skipping unreadable checkpoint {path}: {_short(e)}", flush=True)
+      _report_unreadable(path, e)
+      unreadable.append(step)
+      continue
+    if check_meta is not None:
+      check_meta(meta, path)
+    try:
+      state = restore(mngr, step, abstract_state_fn(meta), meta)
+    except Exception as e:
+      _report_unreadable(path, e)
       unreadable.append(step)
       continue
     if unreadable:
       _move_aside(mngr, unreadable)
-    return step, restored.state, meta
+    return step, state, meta
   if steps:
     paths = ", ".join(str(epath.Path(mngr.directory) / str(s)) for s in steps)
     raise CheckpointError(

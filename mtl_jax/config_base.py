@@ -3,6 +3,8 @@
 Configs in `configs/` call `base_config()` and change what they need. Every field a run can use
 is defined here, so that `lock_config=True` turns a misspelt override into an error.
 """
+import math
+
 import ml_collections
 
 
@@ -132,14 +134,156 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work. The message reads `config.<field>: <problem>. Fix: <fix>`.
+  A ValueError, so that callers catching ValueError keep working."""
+
+
 def _fail(field: str, problem: str, fix: str):
-  raise ValueError(f"config.{field}: {problem}. Fix: {fix}")
+  raise ConfigError(f"config.{field}: {problem}. Fix: {fix}")
+
+
+_INF = float("inf")
+
+
+class _Range:
+  """The values a numeric field accepts: an interval (each end open or closed), optionally
+  integers only, plus `extra` special values (e.g. -1 for "all")."""
+
+  def __init__(self, low=-_INF, high=_INF, low_open=False, high_open=False, integer=False,
+               extra=(), why=""):
+    self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+    self.integer, self.extra, self.why = integer, tuple(extra), why
+
+  def contains(self, v) -> bool:
+    if v in self.extra:
+      return True
+    above = v > self.low if self.low_open else v >= self.low  # False for NaN.
+    below = v < self.high if self.high_open else v <= self.high
+    return above and below
+
+  def text(self) -> str:
+    if self.high == _INF:
+      interval = f"{'>' if self.low_open else '>='} {self.low:g}"
+    elif self.low == -_INF:
+      interval = f"{'<' if self.high_open else '<='} {self.high:g}"
+    else:
+      interval = (f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                  f"{')' if self.high_open else ']'}")
+    extra = " or ".join(f"{x:g}" for x in self.extra)
+    return f"{extra} or {interval}" if extra else interval
+
+
+def _int(low, **kw):
+  return _Range(low, integer=True, **kw)
+
+
+_POSITIVE = dict(low=0.0, low_open=True)
+_FRACTION = dict(low=0.0, high=1.0)  # [0, 1]
+_UNIT = dict(low=0.0, high=1.0, high_open=True)  # [0, 1)
+
+# Every numeric field of `base_config()` and the values it accepts (tests/test_bad_config.py
+# checks that none is missing). Checked first, before any check that computes with them.
+NUMERIC_RANGES = {
+    "seed": _int(0),
+    "data.max_text_len": _int(3, why="room for [CLS] and two [SEP] tokens"),
+    "data.vocab_size": _int(1),
+    "data.prefetch": _int(0),
+    "data.synthetic.num_tasks": _int(1),
+    "data.synthetic.seed": _int(0),
+    "data.synthetic.min_products": _int(1),
+    "data.synthetic.max_products": _int(1),
+    "data.synthetic.min_classes": _int(1),
+    "data.synthetic.max_classes": _int(1),
+    "data.synthetic.image_dim": _int(1),
+    "data.synthetic.max_images": _int(0),
+    "data.synthetic.label_noise": _Range(**_UNIT, why="the upper bound of a site's label-flip rate"),
+    "sampling.alpha": _Range(**_FRACTION, why="0 samples tasks uniformly, 1 by their size"),
+    "sampling.alpha_start": _Range(**_FRACTION, why="0 samples tasks uniformly, 1 by their size"),
+    "sampling.alpha_end": _Range(**_FRACTION, why="0 samples tasks uniformly, 1 by their size"),
+    "sampling.decay_steps": _int(1, extra=(-1,), why="-1 decays over all of training"),
+    "model.hidden_size": _int(1),
+    "model.num_layers": _int(1),
+    "model.num_heads": _int(1),
+    "model.mlp_size": _int(1),
+    "model.dropout": _Range(**_UNIT),
+    "model.max_classes": _int(2, why="a task head needs at least two classes"),
+    "model.adapter_size": _int(1),
+    "model.adapter_layers": _int(1, why="1 is one residual block"),
+    "optimizer.learning_rate": _Range(**_POSITIVE, why="a negative rate trains backwards"),
+    "optimizer.warmup_steps": _int(0),
+    "optimizer.end_learning_rate_factor": _Range(**_FRACTION,
+                                                 why="the final rate as a share of the peak"),
+    "optimizer.weight_decay": _Range(0.0),
+    "optimizer.b1": _Range(**_UNIT),
+    "optimizer.b2": _Range(**_UNIT),
+    "optimizer.eps": _Range(**_POSITIVE),
+    "optimizer.clip_norm": _Range(**_POSITIVE, why="the largest global gradient norm"),
+    "dypa.every_evals": _int(0, why="0 never allocates after evaluations"),
+    "dypa.fraction": _Range(0.0, 1.0, low_open=True),
+    "dypa.max_new_adapters": _int(0, why="0 means no cap"),
+    "dypa.max_adapters": _int(0, why="0 means no cap"),
+    "dypa.max_new_params": _int(0, why="0 means no cap"),
+    "dypa.max_total_params": _int(0, why="0 means no cap"),
+    "augment.alpha": _Range(0.0, why="the Beta(alpha, alpha) parameter"),
+    "augment.label_smoothing": _Range(**_UNIT),
+    "eval.holdout_classes": _int(0),
+    "batch_size": _int(1),
+    "eval_batch_size": _int(1),
+    "total_steps": _int(1),
+    "log_every": _int(1),
+    "eval_every": _int(1),
+    "checkpoint_every": _int(1),
+    "max_to_keep": _int(1),
+    "mesh.data": _int(1, extra=(-1,), why="-1 uses all remaining devices"),
+    "mesh.model": _int(1, extra=(-1,), why="-1 uses all remaining devices"),
+}
+
+
+def _get(c, field: str):
+  node = c
+  for part in field.split("."):
+    node = node[part]
+  return node
+
+
+def _check_numbers(c) -> None:
+  defaults = base_config()
+  for field, allowed in NUMERIC_RANGES.items():
+    value = _get(c, field)
+    default = _get(defaults, field)
+    example = f"e.g. --config.{field}={default!r} (the default)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      _fail(field, f"{value!r} is not a number", f"set a number {allowed.text()}, {example}")
+    if allowed.integer and not isinstance(value, int):
+      _fail(field, f"{value!r} is not an integer", f"set an integer {allowed.text()}, {example}")
+    if not math.isfinite(value):
+      _fail(field, f"{value!r} is not a finite number", f"set a value {allowed.text()}, {example}")
+    if not allowed.contains(value):
+      bounded = allowed.low != -_INF and allowed.high != _INF and not allowed.extra
+      problem = (f"{value!r} is outside {allowed.text()[3:]}" if bounded
+                 else f"{value!r} must be {allowed.text()}")
+      if allowed.why:
+        problem += f" ({allowed.why})"
+      _fail(field, problem, f"set a value {allowed.text()}, {example}")
+  synth = c.data.synthetic
+  for low, high in (("min_products", "max_products"), ("min_classes", "max_classes")):
+    if synth[low] > synth[high]:
+      _fail(f"data.synthetic.{low}", f"{synth[low]} is above data.synthetic.{high}={synth[high]}",
+            f"set data.synthetic.{low} <= data.synthetic.{high}")
 
 
 def validate_config(c, num_devices: int, process_count: int = 1) -> None:
-  """Checks values before anything is built or compiled; errors name the field and the fix."""
+  """Checks values before anything is built or compiled; errors (`ConfigError`, a ValueError)
+  name the field and the fix. Every numeric field is range-checked first (`NUMERIC_RANGES`)."""
   from mtl_jax import sampling, sharding  # Local: keeps config files importable on their own.
-  shape = sharding.mesh_shape(c.mesh, num_devices)
+  _check_numbers(c)
+  try:
+    shape = sharding.mesh_shape(c.mesh, num_devices)
+  except ConfigError:
+    raise
+  except ValueError as e:  # sharding's own messages already name config.mesh and the fix.
+    raise ConfigError(str(e)) from e
   if c.batch_size <= 0 or c.batch_size % (shape[0] * process_count):
     _fail("batch_size", f"{c.batch_size} is not a positive multiple of the {shape[0]} data-"
           f"parallel devices x {process_count} processes",
@@ -152,10 +296,6 @@ def validate_config(c, num_devices: int, process_count: int = 1) -> None:
   if c.sampling.schedule not in sampling.SCHEDULES:
     _fail("sampling.schedule", f"unknown schedule {c.sampling.schedule!r}",
           f"use one of {sampling.SCHEDULES}")
-  for field in ("alpha", "alpha_start", "alpha_end"):
-    if not 0.0 <= c.sampling[field] <= 1.0:
-      _fail(f"sampling.{field}", f"{c.sampling[field]} is outside [0, 1]",
-            "0 samples tasks uniformly, 1 in proportion to their size")
   if c.optimizer.nonfinite not in ("stop", "skip"):
     _fail("optimizer.nonfinite", f"unknown {c.optimizer.nonfinite!r}", "use 'stop' or 'skip'")
   from mtl_jax import augment  # Local, as above.
@@ -165,26 +305,21 @@ def validate_config(c, num_devices: int, process_count: int = 1) -> None:
   if unknown:
     _fail("augment.inputs", f"unknown inputs {sorted(unknown)}",
           "use a comma-separated subset of image,text,pooled")
-  if c.augment.alpha < 0:
-    _fail("augment.alpha", f"{c.augment.alpha} is negative", "use a positive Beta parameter")
   from mtl_jax import dypa  # Local, as above.
   if c.dypa.select not in dypa.SELECTORS:
     _fail("dypa.select", f"unknown {c.dypa.select!r}", f"use one of {dypa.SELECTORS}")
-  if not 0.0 < c.dypa.fraction <= 1.0:
-    _fail("dypa.fraction", f"{c.dypa.fraction} is outside (0, 1]", "use e.g. 0.1")
   try:
-    dypa.scheduled_steps(c)
+    at_steps = dypa.scheduled_steps(c)
   except ValueError:
     _fail("dypa.at_steps", f"{c.dypa.at_steps!r} is not a list of steps", "use e.g. '2000,4000'")
+  if any(step <= 0 for step in at_steps):
+    _fail("dypa.at_steps", f"{c.dypa.at_steps!r} holds a step <= 0, which never comes",
+          "use positive steps, e.g. '2000,4000'")
   if c.dypa.select == "explicit" and not c.dypa.tasks:
     _fail("dypa.tasks", "is empty but dypa.select='explicit'", "name the tasks, comma-separated")
   if c.dypa.select == "baseline_gap" and not c.dypa.baseline:
     _fail("dypa.baseline", "is empty but dypa.select='baseline_gap'",
           "give a JSON file of single-task accuracies")
-  if c.model.adapter_layers < 1:
-    _fail("model.adapter_layers", "must be at least 1", "use 1 for one residual block")
-  if c.eval.holdout_classes < 0:
-    _fail("eval.holdout_classes", "is negative", "use 0 (none) or a positive class count")
   if c.optimizer.task_update not in ("sparse", "dense"):
     _fail("optimizer.task_update", f"unknown {c.optimizer.task_update!r}",
           "use 'sparse' or 'dense'")
@@ -200,9 +335,6 @@ def validate_config(c, num_devices: int, process_count: int = 1) -> None:
     _fail("model.dtype", f"unknown {c.model.dtype!r}", "use 'float32' or 'bfloat16'")
   if c.data.on_bad_record not in ("fail", "skip"):
     _fail("data.on_bad_record", f"unknown {c.data.on_bad_record!r}", "use 'fail' or 'skip'")
-  for field in ("total_steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep"):
-    if c[field] <= 0:
-      _fail(field, f"{c[field]} must be positive", "set a positive integer")
 
 
 def validate_against_data(c, task_table) -> None:

@@ -7,7 +7,7 @@ trainer's own `init_state`, the sizes the data would fix come from the config (t
 image size and images per product from `data.synthetic`, or from `tasks.json` when
 `data.catalogue_dir` is set; the vocabulary from `data.vocab_size`, an upper bound of the
 generated vocabulary, or from `data.tokenizer_dir` / `model.text_init` when set), and the
-placement comes from `Trainer.state_shardings`, the same shardings training uses, on a mesh of
+placement comes from `state.Model.state_shardings`, the same shardings training uses, on a mesh of
 `--num_devices` devices (fake CPU devices when more than this machine has). Each leaf's bytes
 on one device are its sharding's `shard_shape`; a sharded dimension that does not divide
 evenly (which JAX refuses at init) is reported as an error naming the leaf.
@@ -38,7 +38,8 @@ from ml_collections import config_flags
 from mtl_jax import catalogue as catalogue_lib
 from mtl_jax import config_base
 from mtl_jax import sharding
-from mtl_jax import train
+from mtl_jax import state as state_lib
+from mtl_jax import steps
 
 # Groups of the train state, as (name, path into TrainState).
 GROUPS = (
@@ -123,12 +124,12 @@ def _select(tree, path):
   return tree
 
 
-def abstract_batch(trainer, batch_size: int) -> dict:
+def abstract_batch(model, batch_size: int) -> dict:
   """ShapeDtypeStructs of one global train batch, sharded as training shards it."""
-  shapes = jax.eval_shape(lambda: train.dummy_batch(trainer.spec, batch_size))
+  shapes = jax.eval_shape(lambda: state_lib.dummy_batch(model.spec, batch_size))
   shapes["task_id"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
   shapes["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=model.batch_sharding)
           for k, v in shapes.items()}
 
 
@@ -150,11 +151,11 @@ def summarize(config, devices=None, num_adapter_slots: int = 1, compile_step: bo
   config_base.validate_config(config, len(devices))
   sizes = data_sizes(config)
   table_shape = types.SimpleNamespace(image_dim=sizes.image_dim, max_images=sizes.max_images)
-  spec = train.model_spec(config, table_shape, sizes.vocab_size)
+  spec = state_lib.model_spec(config, table_shape, sizes.vocab_size)
   mesh = sharding.make_mesh(config.mesh, devices)
-  trainer = train.Trainer(config, spec, sizes.num_classes, mesh)
-  shapes = jax.eval_shape(lambda: trainer.init_state(jax.random.key(0), num_adapter_slots))
-  shardings = trainer.state_shardings(num_adapter_slots)
+  model = state_lib.Model(config, spec, sizes.num_classes, mesh)
+  shapes = jax.eval_shape(lambda: model.init_state(jax.random.key(0), num_adapter_slots))
+  shardings = model.state_shardings(num_adapter_slots)
 
   groups = []
   for name, path in GROUPS:
@@ -164,7 +165,7 @@ def summarize(config, devices=None, num_adapter_slots: int = 1, compile_step: bo
     else:
       groups.append({"name": name, **_leaf_sizes(
           _select(shapes, path), _select(shardings, path), "state." + ".".join(path))})
-  batch = abstract_batch(trainer, config.batch_size)
+  batch = abstract_batch(model, config.batch_size)
   summary = {
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "num_devices": len(devices),
@@ -184,7 +185,7 @@ def summarize(config, devices=None, num_adapter_slots: int = 1, compile_step: bo
     abstract_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     start = time.perf_counter()
-    compiled = trainer.jitted_train_step(num_adapter_slots).lower(abstract_state, batch).compile()
+    compiled = steps.jitted_train_step(model, num_adapter_slots).lower(abstract_state, batch).compile()
     seconds = time.perf_counter() - start
     analysis = compiled.memory_analysis()
     summary["compiled"] = {

@@ -10,23 +10,26 @@ At configured points (`dypa.at_steps`, or after every k-th validation evaluation
    projections so that every task's outputs are unchanged at that moment, points the selected
    tasks at their slots, and grows the adapters' optimiser state to match (fresh moments and
    step counts for new slots; existing ones untouched);
-4. places the grown state with the same sharding rules. The train step is compiled once per
+4. places the grown state with the same sharding rules (`state.grow`, the one growth function,
+   which `new_task` uses too). The train step is compiled once per
    adapter count, so training recompiles once per expansion and never per step.
 
 Each allocation is an event (step, tasks, their scores, adapter and parameter counts before and
 after) written to the metric writer and kept in the checkpoint's metadata.
 
-  python -m mtl_jax.dypa --workdir=runs/demo   # prints the current allocation of a run
+  python -m mtl_jax.dypa --workdir=runs/demo [--step=N]   # prints a run's allocation
 """
-import functools
 import json
+import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from mtl_jax import optim, task_layers
-from mtl_jax.catalogue import TaskTable
+from mtl_jax import cli
+from mtl_jax import state as state_lib
+from mtl_jax import task_layers
+from mtl_jax import workdir as workdir_lib
 
 SELECTORS = ("lowest_accuracy", "highest_loss", "baseline_gap", "explicit")
 
@@ -45,7 +48,7 @@ def is_due(config, step: int, evaluations_done: int, evaluated_now: bool) -> boo
 def _baseline(path: str) -> dict[str, float]:
   with open(path) as f:
     data = json.load(f)
-  if isinstance(data, dict) and "tasks" in data:  # A report written by evaluation.py.
+  if isinstance(data, dict) and "tasks" in data:  # A report written by evaluation.write_report.
     return {r["task"]: r["accuracy"] for r in data["tasks"] if r["accuracy"] is not None}
   return {str(k): float(v) for k, v in data.items()}
 
@@ -96,25 +99,6 @@ def select_tasks(config, scores: np.ndarray, adapter_map: np.ndarray, num_slots:
   return np.sort(order[:count])
 
 
-def _grow(state, rng, num_new: int, selected: jax.Array, adapter_size: int, adapter_layers: int):
-  """The state with `num_new` fresh adapter slots, assigned in order to `selected` tasks."""
-  adapters = state.params["tasks"]["adapters"]
-  num_slots, hidden = adapters["up"].shape[0], adapters["up"].shape[-1]
-  fresh = task_layers.init_adapters(rng, num_new, hidden, adapter_size, adapter_layers)
-  grown = jax.tree.map(lambda old, new: jnp.concatenate([old, new]), adapters, fresh)
-  moments = state.task_opt_state["adapters"]
-  zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-  grown_opt = optim.RowAdamState(
-      mu=jax.tree.map(lambda m, z: jnp.concatenate([m, z]), moments.mu, zeros(fresh)),
-      nu=jax.tree.map(lambda v, z: jnp.concatenate([v, z]), moments.nu, zeros(fresh)),
-      count=jnp.concatenate([moments.count, jnp.zeros((num_new,), jnp.int32)]))
-  adapter_map = state.adapter_map.at[selected].set(
-      num_slots + jnp.arange(num_new, dtype=jnp.int32))
-  return state.replace(
-      params={**state.params, "tasks": {**state.params["tasks"], "adapters": grown}},
-      task_opt_state={**state.task_opt_state, "adapters": grown_opt}, adapter_map=adapter_map)
-
-
 def allocation_summary(state, task_names) -> dict:
   """Which tasks have adapters, and task-specific parameters in total and as a share."""
   adapter_map = np.asarray(jax.device_get(state.adapter_map))
@@ -135,10 +119,10 @@ def allocation_summary(state, task_names) -> dict:
   }
 
 
-def expand(trainer, state, rows: list[dict], step: int):
+def expand(model, state, rows: list[dict], step: int):
   """Runs one allocation. Returns (new state, event dict); the state is unchanged (and the
   event says so) when no task is selected."""
-  config = trainer.config
+  config = model.config
   adapters = state.params["tasks"]["adapters"]
   num_slots = adapters["up"].shape[0]
   m = config.model
@@ -151,10 +135,7 @@ def expand(trainer, state, rows: list[dict], step: int):
   before = allocation_summary(state, names)
   if len(selected):
     rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-    grow = jax.jit(functools.partial(_grow, num_new=len(selected), adapter_size=m.adapter_size,
-                                     adapter_layers=m.adapter_layers),
-                   out_shardings=trainer.state_shardings(num_slots + len(selected)))
-    state = grow(state, rng, selected=jnp.asarray(selected, jnp.int32))
+    state = state_lib.grow(model, state, rng, adapter_tasks=selected)
   after = allocation_summary(state, names)
   event = {
       "step": int(step),
@@ -171,43 +152,38 @@ def expand(trainer, state, rows: list[dict], step: int):
   return state, event
 
 
-def main(argv=None):
-  """Prints the allocation of a workdir's latest checkpoint, without its training data."""
-  import argparse
-
-  import orbax.checkpoint as ocp
-  from etils import epath
-
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  args = parser.parse_args(argv)
-  mngr = ocp.CheckpointManager(epath.Path(args.workdir) / "checkpoints",
-                               item_names=("state", "meta"))
-  step = mngr.latest_step()
-  if step is None:
-    raise SystemExit(f"No checkpoint in {args.workdir}/checkpoints.")
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-  meta, raw = restored.meta, restored.state
-  names = TaskTable.from_json(meta["task_table"]).names
-
-  class _State:  # The restored dict, seen through the attributes allocation_summary reads.
-    params = raw["params"]
-    adapter_map = raw["adapter_map"]
-
-  summary = allocation_summary(_State, names)
-  print(f"{args.workdir} at step {step}: {summary['adapter_slots']} adapters, "
-        f"{summary['task_specific_parameters']:,} task-specific parameters "
-        f"({100 * summary['task_specific_share']:.2f}% of {summary['total_parameters']:,}; "
-        f"adapters {100 * summary['adapter_share']:.2f}%)")
-  adapter_map = np.asarray(raw["adapter_map"])
+def describe(workdir: str, step: int | None = None) -> str:
+  """The allocation of a run's checkpoint (verified), and its DyPa history, as text."""
+  run = workdir_lib.open_run(workdir, step)
+  try:
+    arrays = run.restore_inference()
+  finally:
+    run.close()
+  names = run.task_table.names
+  summary = allocation_summary(types.SimpleNamespace(**arrays), names)
+  lines = [f"{run.workdir} at step {run.step}: {summary['adapter_slots']} adapters, "
+           f"{summary['task_specific_parameters']:,} task-specific parameters "
+           f"({100 * summary['task_specific_share']:.2f}% of {summary['total_parameters']:,}; "
+           f"adapters {100 * summary['adapter_share']:.2f}%)"]
+  adapter_map = np.asarray(jax.device_get(arrays["adapter_map"]))
   for t in np.flatnonzero(adapter_map):
-    print(f"  {names[t]}: adapter slot {int(adapter_map[t])}")
-  for event in meta.get("dypa_events", []):
-    print(f"  step {event['step']}: +{len(event['tasks'])} adapters ({event['select']}): "
-          f"{', '.join(event['tasks'])}")
-  mngr.close()
+    lines.append(f"  {names[t]}: adapter slot {int(adapter_map[t])}")
+  for event in run.meta.get("dypa_events", []):
+    lines.append(f"  step {event['step']}: +{len(event['tasks'])} adapters ({event['select']}): "
+                 f"{', '.join(event['tasks'])}")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  """Prints the allocation of a workdir's latest (or given) checkpoint."""
+  flag_values = cli.flag_values()
+  flags.DEFINE_string("workdir", None, "The run's directory.", flag_values=flag_values,
+                      required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).",
+                       flag_values=flag_values)
+  cli.parse(flag_values, argv, "python -m mtl_jax.dypa")
+  print(describe(flag_values.workdir, flag_values.step))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

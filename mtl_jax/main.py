@@ -2,13 +2,19 @@
 
   python -m mtl_jax.main --config=configs/demo.py --workdir=runs/demo
 """
-import os
+from mtl_jax import preemption
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-import jax
+preemption.install()  # Before the heavy imports: a SIGTERM in the first seconds exits cleanly.
 
-from mtl_jax import train
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mtl_jax import cli  # noqa: E402
+from mtl_jax import train  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and reports go.")
@@ -34,7 +40,10 @@ def main(argv):
         FLAGS.process_id if FLAGS.process_id is not None else env("JAX_PROCESS_ID"))
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except cli.user_errors() as e:
+    sys.exit(cli.report(e))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ from a batch is left exactly as it was: no weight decay, no drift on old momentu
 step counter for Adam's bias correction (as a sparse optimiser that skips parameters with no
 gradient would). The cost per step is then set by the batch, not by the number of tasks.
 `task_update="dense"` passes every row every step: plain AdamW semantics, for comparison.
+
+Weight decay is decided by a parameter's leaf name, never its rank (`nn.scan` and the stacked
+task rows add a leading axis to every bias and LayerNorm parameter): `kernel`, `embedding` and
+the adapters' `down`/`up` matrices decay; `bias`, LayerNorm `scale` and `down_bias`/`up_bias`
+do not; any other name raises, so a new parameter must be added to one of the two lists.
 """
 from typing import NamedTuple
 
@@ -25,18 +30,38 @@ def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
       end_value=opt.learning_rate * opt.end_learning_rate_factor)
 
 
-def _decays(path, leaf) -> bool:
-  """Weight decay on matrices and embeddings only; not on biases or LayerNorm parameters."""
-  del path
-  return leaf.ndim >= 2
+# Leaf names (the last key of a parameter's path) and whether AdamW decays them.
+DECAYED_NAMES = frozenset({"kernel", "embedding", "down", "up"})
+UNDECAYED_NAMES = frozenset({"bias", "scale", "down_bias", "up_bias"})
+
+
+def _leaf_name(path) -> str:
+  """The last name in a `tree_map_with_path` path (skipping e.g. a box's `.value` attribute)."""
+  for key in reversed(tuple(path)):
+    if isinstance(key, jax.tree_util.DictKey):
+      return str(key.key)
+    if isinstance(key, str):
+      return key
+  raise ValueError(f"Parameter path {jax.tree_util.keystr(tuple(path))} has no name.")
+
+
+def decays(path) -> bool:
+  """Whether weight decay applies to the parameter at `path`, by its leaf name (see above)."""
+  name = _leaf_name(path)
+  if name in DECAYED_NAMES:
+    return True
+  if name in UNDECAYED_NAMES:
+    return False
+  raise ValueError(
+      f"No weight-decay rule for parameter {name!r} (path {jax.tree_util.keystr(tuple(path))}"
+      f"): add it to DECAYED_NAMES or UNDECAYED_NAMES in mtl_jax/optim.py.")
 
 
 def encoder_optimizer(cfg, schedule) -> optax.GradientTransformation:
   opt = cfg.optimizer
   return optax.adamw(
       schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-      mask=lambda params: jax.tree_util.tree_map_with_path(
-          lambda p, x: _decays(p, x), params))
+      mask=lambda params: jax.tree_util.tree_map_with_path(lambda p, _: decays(p), params))
 
 
 class RowAdamState(NamedTuple):
@@ -82,16 +107,16 @@ def row_adam_update(params, state: RowAdamState, rows, row_grads, learning_rate,
                     gather_rows(state.nu, rows), row_grads)
   row_params = gather_rows(params, rows)
 
-  def step(p, m, v):
+  def step(path, p, m, v):
     shape = (-1,) + (1,) * (p.ndim - 1)
     m_hat = m / (1 - opt.b1 ** count.reshape(shape))
     v_hat = v / (1 - opt.b2 ** count.reshape(shape))
     update = m_hat / (jnp.sqrt(v_hat) + opt.eps)
-    if p.ndim >= 3:  # Row of a matrix: decayed, as the encoder's matrices are.
+    if decays(path):  # Same rule as the encoder's: matrices decay, biases do not.
       update = update + opt.weight_decay * p
     return p - learning_rate * update
 
-  new_rows = jax.tree.map(step, row_params, mu, nu)
+  new_rows = jax.tree_util.tree_map_with_path(step, row_params, mu, nu)
   return (scatter_rows(params, rows, new_rows),
           RowAdamState(mu=scatter_rows(state.mu, rows, mu), nu=scatter_rows(state.nu, rows, nu),
                        count=state.count.at[rows].set(count, mode="drop")))

@@ -1,7 +1,8 @@
 """Predictions from a trained run, without its training data.
 
   python -m mtl_jax.predict --workdir=runs/demo --input=products.jsonl \
-      --output=predictions.jsonl [--top_k=5] [--batch_size=64] [--step=N]
+      --output=predictions.jsonl [--top_k=5] [--batch_size=64] [--step=N] \
+      [--image_embeddings=catalogue/image_embeddings.npy]
 
   from mtl_jax import predict
   predictor = predict.Predictor.from_workdir("runs/demo")
@@ -11,9 +12,9 @@
 What a run needs at prediction time travels with it: the checkpoint (parameters, the task ->
 adapter map, each task's class count) and its `meta` (the config as JSON, the task table with
 every task's class names, the adapter count), plus the tokenizer in `<workdir>/tokenizer`. The
-tokenizer is looked up as `open_run` describes; a run trained with `data.tokenizer_dir` or
-`model.text_init` keeps no copy in its workdir unless `train.prepare_data` writes one, so such a
-run also needs that directory (or the installed pretrained package) where it predicts.
+tokenizer is looked up as `workdir.load_run_tokenizer` describes. The checkpoint is opened
+through `workdir.open_run`, which verifies every array it reads against the fingerprints saved
+with it: a damaged checkpoint is refused, naming an older one to use with `--step`.
 
 Input: one JSON object per line, the catalogue's record format (`mtl_jax/catalogue.py`) except
 that `images` holds the embedding vectors themselves:
@@ -24,7 +25,9 @@ that `images` holds the embedding vectors themselves:
   - `task` (required): a task name of the model.
   - `title` (required, non-empty) and `description` (optional) strings.
   - `images` (optional): 0..max_images vectors of exactly image_dim finite numbers each, from the
-    same image encoder the training embeddings came from.
+    same image encoder the training embeddings came from; or, with `--image_embeddings=FILE.npy`
+    (e.g. a catalogue's image_embeddings.npy), row indices into that file, so that a
+    catalogue's own .jsonl lines can be predicted as they are.
   - `id` (optional) is copied to the output; `label` and other fields are ignored.
 
 A bad record raises `catalogue.BadRecordError` naming the file, the line, the field and the fix;
@@ -43,8 +46,6 @@ one jitted function: one compilation serves any number of records.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
@@ -52,169 +53,16 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
+from absl import flags
 
 from mtl_jax import catalogue as cat
-from mtl_jax import checkpointing
+from mtl_jax import cli
 from mtl_jax import input_pipeline
-from mtl_jax import sharding
-from mtl_jax import tokenizer as tokenizer_lib
-from mtl_jax import train
-from mtl_jax.model import ModelSpec
+from mtl_jax import steps
+from mtl_jax import workdir as workdir_lib
 
-TOKENIZER_DIR = "tokenizer"
 _INPUT = "<records>"  # The `file` of errors about records given through the Python API.
-
-
-class RunError(FileNotFoundError):
-  """A workdir that lacks something a trained run must have; the message says what and how."""
-
-
-# --- Reading a run back --------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Run:
-  """A trained run as read back from its workdir: everything but the arrays.
-
-  Attributes:
-    workdir: the run's directory.
-    step: the checkpoint's step.
-    meta: the checkpoint's `meta` (config JSON, task table JSON, adapter count, ...).
-    config: the run's config.
-    task_table: every task's name and class names, and the image-embedding shape.
-    tokenizer: the run's text tokenizer.
-    tokenizer_source: where the tokenizer was read from.
-    trainer: a `train.Trainer` for the checkpoint's tasks (its model, shardings, steps).
-    manager: the workdir's Orbax checkpoint manager.
-  """
-  workdir: epath.Path
-  step: int
-  meta: dict
-  config: ml_collections.ConfigDict
-  task_table: cat.TaskTable
-  tokenizer: Any
-  tokenizer_source: str
-  trainer: train.Trainer
-  manager: ocp.CheckpointManager
-
-  @property
-  def num_adapter_slots(self) -> int:
-    return int(self.meta["num_adapter_slots"])
-
-  def restore_inference(self) -> dict:
-    """{"params", "adapter_map", "num_classes"} of the checkpoint, placed by the config's
-    sharding rules; the optimiser state is not read."""
-    abstract = self.trainer.abstract_state(self.num_adapter_slots)
-    target = {"params": abstract.params, "adapter_map": abstract.adapter_map,
-              "num_classes": abstract.num_classes}
-    restored = self.manager.restore(self.step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
-    return restored.state
-
-  def restore_state(self) -> train.TrainState:
-    """The whole train state (parameters and optimiser state) of the checkpoint."""
-    abstract = self.trainer.abstract_state(self.num_adapter_slots)
-    restored = self.manager.restore(self.step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
-    return restored.state
-
-  def close(self):
-    self.manager.close()
-
-
-def _has_tokenizer(directory: epath.Path) -> bool:
-  return (directory / tokenizer_lib.VOCAB_FILE).exists() or (directory / "tokenizer.json").exists()
-
-
-def load_run_tokenizer(workdir: str | os.PathLike, config) -> tuple[Any, str]:
-  """The tokenizer a run trained with, and where it was found.
-
-  Looked up in this order:
-    1. `<workdir>/tokenizer`: where `train.prepare_data` builds the vocabulary of a run without
-       `data.tokenizer_dir` or `model.text_init` (and where copies for other runs are kept);
-    2. the config's `data.tokenizer_dir`;
-    3. the config's `model.text_init` checkpoint's tokenizer.
-
-  Raises:
-    RunError: none of them is there.
-  """
-  workdir = epath.Path(workdir)
-  local = workdir / TOKENIZER_DIR
-  if _has_tokenizer(local):
-    return tokenizer_lib.load_tokenizer(os.fspath(local)), os.fspath(local)
-  tried = [os.fspath(local)]
-  if config.data.tokenizer_dir:
-    if _has_tokenizer(epath.Path(config.data.tokenizer_dir)):
-      return tokenizer_lib.load_tokenizer(config.data.tokenizer_dir), config.data.tokenizer_dir
-    tried.append(f"data.tokenizer_dir={config.data.tokenizer_dir}")
-  elif config.model.text_init:
-    from mtl_jax import pretrained  # Local: only runs that started from weights need it.
-    try:
-      return (pretrained.load_tokenizer_for(config.model.text_init),
-              f"model.text_init={config.model.text_init}")
-    except FileNotFoundError as e:
-      tried.append(f"model.text_init={config.model.text_init} ({e})")
-  raise RunError(
-      f"{workdir}: no tokenizer found (tried {'; '.join(tried)}). Fix: copy the vocabulary the "
-      f"run trained with (vocab.txt or tokenizer.json) into {local}.")
-
-
-def _mesh_for(config):
-  """The run's mesh where it fits the devices here, else data parallelism over all of them."""
-  try:
-    return sharding.make_mesh(config.mesh)
-  except ValueError:
-    fallback = ml_collections.ConfigDict({"data": -1, "model": 1})
-    return sharding.make_mesh(fallback)
-
-
-def open_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
-  """Reads a run's checkpoint metadata, tokenizer and model definition (not its arrays).
-
-  Args:
-    workdir: the run's directory (the one given to `train.train_and_evaluate`).
-    step: the checkpoint to use; None: the latest.
-
-  Raises:
-    RunError: no checkpoint, no such step, or no tokenizer.
-  """
-  workdir = epath.Path(workdir)
-  checkpoints = workdir / "checkpoints"
-  if not checkpoints.is_dir():
-    raise RunError(f"{workdir}: no checkpoints directory. Fix: give the --workdir of a trained "
-                   "run (it holds checkpoints/ and tokenizer/).")
-  manager = ocp.CheckpointManager(checkpoints, item_names=("state", "meta"))
-  steps = sorted(manager.all_steps())
-  if not steps:
-    manager.close()
-    raise RunError(f"{checkpoints}: no checkpoint. Fix: train the run first, or give the "
-                   "workdir of a trained one.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    manager.close()
-    raise RunError(f"{checkpoints}: no checkpoint at step {step}. Fix: use one of {steps}.")
-  meta = checkpointing.read_meta(manager, step)
-  config = ml_collections.ConfigDict(json.loads(meta["config"]))
-  task_table = cat.TaskTable.from_json(meta["task_table"],
-                                       source=f"{checkpoints / str(step)} meta.task_table")
-  tokenizer, tokenizer_source = load_run_tokenizer(workdir, config)
-  known = {f.name for f in dataclasses.fields(ModelSpec)}
-  if "model_spec" in meta and known >= set(meta["model_spec"]):
-    # The sizes the run was built with, so a `model.text_init` checkpoint need not be present.
-    spec = ModelSpec(**meta["model_spec"])
-  else:
-    spec = train.model_spec(config, task_table, len(tokenizer))
-  num_classes = train.trained_num_classes(task_table.num_classes, config.eval.holdout_classes)
-  trainer = train.Trainer(config, spec, num_classes, _mesh_for(config))
-  return Run(workdir=workdir, step=int(step), meta=meta, config=config, task_table=task_table,
-             tokenizer=tokenizer, tokenizer_source=tokenizer_source, trainer=trainer,
-             manager=manager)
 
 
 # --- Input records ---------------------------------------------------------------------------
@@ -224,8 +72,11 @@ def _is_number(x: Any) -> bool:
 
 
 def parse_record(obj: Any, table: cat.TaskTable, *, file: str = _INPUT,
-                 line_no: int = 0) -> dict:
+                 line_no: int = 0, embeddings: np.ndarray | None = None) -> dict:
   """Checks one input product and returns it as the batch builder's record.
+
+  `embeddings` (a catalogue's image_embeddings.npy, [N, image_dim]) lets `images` hold row
+  indices into it, as catalogue records do, instead of the vectors themselves.
 
   Returns:
     {"task": index, "title", "description", "images": float32 [K, D] zero-padded, "num_images",
@@ -277,11 +128,20 @@ def parse_record(obj: Any, table: cat.TaskTable, *, file: str = _INPUT,
   padded = np.zeros((most, dim), np.float32)
   for i, vector in enumerate(images):
     field = f"images[{i}]"
+    if isinstance(vector, int) and not isinstance(vector, bool):
+      if embeddings is None:
+        raise bad(field, "bad_images", f"{vector} is a row index, but no image embeddings "
+                  "file was given.", "pass --image_embeddings=<catalogue>/image_embeddings.npy "
+                  f"(or give each image as its vector of {dim} numbers).", task_name)
+      if not 0 <= vector < len(embeddings):
+        raise bad(field, "bad_images", f"row {vector} is outside the {len(embeddings)} rows of "
+                  "the image embeddings file.", "use row indices of that file.", task_name)
+      vector = embeddings[vector].tolist()
     if not isinstance(vector, list) or not all(_is_number(x) for x in vector):
       shown = repr(vector) if not isinstance(vector, list) else "a list with non-numbers"
       raise bad(field, "bad_images", f"{shown[:60]} is not a list of numbers.",
-                f"give each image as its embedding vector: a list of {dim} numbers (image row "
-                "indices are for catalogue files, not for prediction input).", task_name)
+                f"give each image as its embedding vector (a list of {dim} numbers) or as a row "
+                "index into --image_embeddings.", task_name)
     if len(vector) != dim:
       raise bad(field, "bad_images", f"{len(vector)} numbers, but the model's image embeddings "
                 f"have image_dim={dim}.", f"embed the image with the image encoder the model "
@@ -293,6 +153,21 @@ def parse_record(obj: Any, table: cat.TaskTable, *, file: str = _INPUT,
     padded[i] = row
   return {"task": task, "title": title, "description": description, "images": padded,
           "num_images": len(images), "label": 0}
+
+
+def load_image_embeddings(path: str | os.PathLike, image_dim: int) -> np.ndarray:
+  """An [N, image_dim] float array from an .npy file (memory-mapped; never unpickled)."""
+  try:
+    embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (OSError, ValueError) as e:
+    raise cat.CatalogueError(f"--image_embeddings={path}: cannot be read as a .npy array ({e}). "
+                             "Fix: give a catalogue's image_embeddings.npy.") from None
+  if embeddings.ndim != 2 or embeddings.shape[1] != image_dim:
+    raise cat.CatalogueError(
+        f"--image_embeddings={path}: shape {embeddings.shape}, but the model's image embeddings "
+        f"are [N, {image_dim}]. Fix: give the embeddings of the image encoder the model was "
+        "trained with.")
+  return embeddings
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
@@ -320,35 +195,39 @@ class Predictor:
     traces: how many times the prediction function was traced (compiled); one per Predictor.
   """
 
-  def __init__(self, run: Run, arrays: dict, batch_size: int = 64):
+  def __init__(self, run: workdir_lib.Run, arrays: dict, batch_size: int = 64,
+               image_embeddings: str | os.PathLike | None = None):
     self.run = run
+    self.image_embeddings = (None if image_embeddings is None else
+                             load_image_embeddings(image_embeddings, run.task_table.image_dim))
     self.task_table = run.task_table
-    trainer = run.trainer
-    data_devices = trainer.mesh.shape["data"]
+    model = run.model
+    data_devices = model.mesh.shape["data"]
     # Batches are split over the mesh's data axis: round up to a multiple of its size.
     self.batch_size = max(1, math.ceil(batch_size / data_devices)) * data_devices
     self._params = arrays["params"]
     self._adapter_map = arrays["adapter_map"]
     self._num_classes = arrays["num_classes"]
     self.trained_num_classes = np.asarray(jax.device_get(arrays["num_classes"]), np.int32)
-    self.traces = 0
-    shardings = trainer.state_shardings(run.num_adapter_slots)
+    self._probs = steps.jitted_predict_step(model, run.num_adapter_slots)
 
-    def probs_fn(params, adapter_map, num_classes, batch):
-      self.traces += 1  # Runs only while tracing.
-      return trainer.predict_probs(params, adapter_map, num_classes, batch)
-
-    self._probs = jax.jit(
-        probs_fn, in_shardings=(shardings.params, shardings.adapter_map, shardings.num_classes,
-                                trainer.batch_sharding),
-        out_shardings=sharding.replicated(trainer.mesh))
+  @property
+  def traces(self) -> int:
+    """How many times the prediction function was compiled (one per Predictor)."""
+    return self._probs._cache_size()
 
   @classmethod
   def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None,
-                   batch_size: int = 64) -> Predictor:
-    """Loads the latest (or the given) checkpoint of the run in `workdir`."""
-    run = open_run(workdir, step)
-    return cls(run, run.restore_inference(), batch_size)
+                   batch_size: int = 64, image_embeddings: str | os.PathLike | None = None
+                   ) -> Predictor:
+    """Loads the latest (or the given) checkpoint of the run in `workdir`, verified.
+    `image_embeddings`: an .npy file whose rows input records may name by index."""
+    run = workdir_lib.open_run(workdir, step)
+    try:
+      return cls(run, run.restore_inference(), batch_size, image_embeddings)
+    except BaseException:
+      run.close()
+      raise
 
   @property
   def step(self) -> int:
@@ -369,7 +248,7 @@ class Predictor:
 
   def _probabilities(self, parsed: Sequence[dict]) -> list[np.ndarray]:
     out = []
-    sharding_ = self.run.trainer.batch_sharding
+    sharding_ = self.run.model.batch_sharding
     for start in range(0, len(parsed), self.batch_size):
       chunk = parsed[start:start + self.batch_size]
       batch = jax.device_put(self._encode(chunk), sharding_)
@@ -381,7 +260,8 @@ class Predictor:
 
   def parse(self, records: Iterable[Any], file: str = _INPUT) -> list[dict]:
     """Checks products given as dicts (numbered from 1 in error messages)."""
-    return [parse_record(r, self.task_table, file=file, line_no=i)
+    return [parse_record(r, self.task_table, file=file, line_no=i,
+                         embeddings=self.image_embeddings)
             for i, r in enumerate(records, start=1)]
 
   def probabilities(self, records: Sequence[Any]) -> list[np.ndarray]:
@@ -426,7 +306,7 @@ class Predictor:
     sources, parsed = [], []
     for line_no, obj in read_jsonl(input_path):
       parsed.append(parse_record(obj, self.task_table, file=os.fspath(input_path),
-                                 line_no=line_no))
+                                 line_no=line_no, embeddings=self.image_embeddings))
       sources.append(obj)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -448,37 +328,39 @@ class Predictor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog="python -m mtl_jax.predict",
-      description="Top-k categories of products, from a trained run's checkpoint.")
-  parser.add_argument("--workdir", required=True, help="The trained run's directory.")
-  parser.add_argument("--input", help="Products, one JSON object per line.")
-  parser.add_argument("--output", help="Where the predictions (JSONL) go.")
-  parser.add_argument("--top_k", type=int, default=5,
-                      help="Classes per product (0: all of the task's classes).")
-  parser.add_argument("--batch_size", type=int, default=64, help="Products per jitted call.")
-  parser.add_argument("--step", type=int, default=None,
-                      help="The checkpoint step to use (default: the latest).")
-  parser.add_argument("--list_tasks", action="store_true",
-                      help="Print the model's tasks and their classes, and exit.")
-  args = parser.parse_args(argv)
-  if args.batch_size <= 0:
-    parser.error(f"--batch_size={args.batch_size}: use a positive number of products.")
+  flag_values = cli.flag_values()
+  define = lambda kind, name, default, text, **kw: getattr(flags, f"DEFINE_{kind}")(
+      name, default, text, flag_values=flag_values, **kw)
+  define("string", "workdir", None, "The trained run's directory.", required=True)
+  define("string", "input", None, "Products, one JSON object per line.")
+  define("string", "output", None, "Where the predictions (JSONL) go.")
+  define("integer", "top_k", 5, "Classes per product (0: all of the task's classes).")
+  define("integer", "batch_size", 64, "Products per jitted call.", lower_bound=1)
+  define("integer", "step", None, "The checkpoint step to use (default: the latest).")
+  define("string", "image_embeddings", None, "An .npy file of image embeddings; input records "
+         "may then give `images` as row indices into it, as catalogue records do.")
+  define("bool", "list_tasks", False, "Print the model's tasks and their classes, and exit.")
+  cli.parse(flag_values, argv, "python -m mtl_jax.predict")
+  args = flag_values
   if args.list_tasks:
-    run = open_run(args.workdir, args.step)
+    run = workdir_lib.open_run(args.workdir, args.step)
     for name, classes in zip(run.task_table.names, run.task_table.class_names):
       print(f"{name}: {len(classes)} classes: {' | '.join(classes)}")
     run.close()
     return 0
   if not args.input or not args.output:
-    parser.error("--input and --output are required (or --list_tasks).")
-  predictor = Predictor.from_workdir(args.workdir, args.step, args.batch_size)
+    raise flags.ValidationError("--input and --output are required (or --list_tasks).")
+  if not os.path.isfile(args.input):
+    raise workdir_lib.RunDirError(f"--input={args.input}: no such file. Fix: give a JSONL file "
+                                  "of products (see `python -m mtl_jax.predict --help`).")
+  predictor = Predictor.from_workdir(args.workdir, args.step, args.batch_size,
+                                     args.image_embeddings)
   count = predictor.predict_file(args.input, args.output, args.top_k)
   print(f"{count} products -> {args.output} (checkpoint step {predictor.step} of "
-        f"{args.workdir})", flush=True)
+        f"{predictor.run.workdir})", flush=True)
   predictor.close()
   return 0
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  cli.run(main)

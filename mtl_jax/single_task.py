@@ -1,17 +1,39 @@
 """Single-task baselines: one model per task, and their comparison with the multi-task model.
 
   python -m mtl_jax.single_task --config=configs/demo.py --workdir=runs/single \
-      [--tasks=site0001,site0002] [--steps=N]
-  python -m mtl_jax.single_task compare --mtl=runs/demo --single=runs/single [--out=DIR]
+      [--tasks=site0001,site0002] [--steps_policy=epochs --epochs=20 --min_steps=50 | --steps=N]
+  python -m mtl_jax.single_task compare --mtl=runs/demo[,runs/demo_seed1,...] \
+      --single=runs/single[,runs/single_seed1,...] [--out=DIR] [--split=test]
 
 Baselines. For each chosen task (default: every task of the catalogue) the runner writes a
-one-task catalogue `<workdir>/catalogues/<task>/` (tasks.json with that task alone, the task's
+one-task catalogue `<workdir>/catalogues/<dir>/` (tasks.json with that task alone, the task's
 lines of each split file, and a link to the full catalogue's image_embeddings.npy, whose row
 indices the lines keep), then trains it with `train.train_and_evaluate` into
-`<workdir>/tasks/<task>/`: the same config (model, optimiser, batch size, evaluation) with
-`data.catalogue_dir` pointing at the one-task catalogue and `total_steps` set to `--steps`
-(default: the config's own). The catalogue is the config's (`data.catalogue_dir`) or, when that
-is empty, the synthetic one its `data.synthetic` generates, exactly as the multi-task run does.
+`<workdir>/tasks/<dir>/`: the same config (model, optimiser, batch size, evaluation) with
+`data.catalogue_dir` pointing at the one-task catalogue and `total_steps` set by the steps policy
+below. The catalogue is the config's (`data.catalogue_dir`) or, when that is empty, the synthetic
+one its `data.synthetic` generates, exactly as the multi-task run does.
+
+Task names become directory names only through `task_dir_name`: a name that is a plain file name
+(letters, digits, `.`, `_`, `-`, not starting or ending with `.`, `_` or `-`) is used as it is;
+any other name (`a/b`, `../x`, `/abs/path`, `.`, `..`, "", control characters, spaces, non-ASCII,
+over 60 characters, or one that ends like a hashed name) becomes a readable slug plus the first 10
+hex digits of the SHA-256 of the exact name, e.g. `a/b` -> `a_b-<hash>`. The mapping is stable and
+distinct names get distinct directories. Before it writes or deletes anything, the runner checks
+that the resolved path (symbolic links followed) lies inside the workdir, and refuses otherwise.
+
+Steps per task (`--steps_policy`):
+- `epochs` (the default): a task trains for `max(min_steps, ceil(epochs * n_train / batch_size))`
+  steps, capped by the config's `total_steps`, where n_train is the number of lines of the task's
+  train split and batch_size the config's. Defaults: `epochs=20`, `min_steps=50` (a floor in
+  updates: a task smaller than a batch still gets enough optimiser steps), so a 160-example task
+  at batch 32 trains 100 steps (20 epochs) instead of the config's 600 (120 epochs), and a
+  2,400-example one 600 (capped). These defaults are a starting point, not tuned.
+- `fixed`: every task trains `--steps=N` steps (default: the config's `total_steps`), the old
+  behaviour. Giving `--steps` selects this policy.
+With either policy the learning-rate warmup keeps the fraction of the run it has in the config
+(`warmup_steps * steps / total_steps`, rounded), so a short baseline is not all warmup. The steps
+each task got, and why, are written to `<workdir>/steps.json` and printed.
 
 Every baseline shares one tokenizer: the one the multi-task run would use (the config's
 `data.tokenizer_dir` or `model.text_init`, or else a vocabulary built from the full catalogue's
@@ -19,14 +41,25 @@ train split into `<workdir>/tokenizer`), so that a baseline differs from the mul
 in its training data, not in its vocabulary.
 
 Each task's run writes its own `reports/{validation,test}.json`; the runner gathers their rows
-into `<workdir>/reports/{validation,test}.{json,csv}` in the format of `evaluation.write_report`
-(one row per task), so the two kinds of run read the same way. Re-running the command skips the
-tasks whose report exists and resumes an interrupted one from its checkpoint.
+into `<workdir>/reports/{validation,test}.{json,csv}` (one row per task, the layout of a run's
+reports: {"split", "step" (the largest of the tasks'), "summary", "tasks"}), so the two kinds of
+run read the same way. Re-running the command skips the tasks whose report exists and resumes an
+interrupted one from its checkpoint.
 
-Comparison. `compare(mtl_workdir, single_workdir)` reads both test reports and writes, per task
-present in both, the multi-task and single-task accuracy and their difference, the means over
-those tasks and how many tasks each side wins (`comparison.{json,csv}` in `<single>/reports` by
-default), and prints the table.
+Comparison. `compare(mtl_workdirs, single_workdirs)` reads the reports of one or several runs per
+side (e.g. one per seed) and writes, per task that has an accuracy in every run of both sides, the
+mean accuracy of each side over its runs, their difference (MTL - single), and the standard
+deviations over runs (sample std; None for a side with one run). The gap's std is
+sqrt(std_mtl^2 + std_single^2): the spread of the gap between one multi-task seed and one
+single-task seed, the two sides' seeds being independent (a side with one run adds nothing). The
+summary gives the means over tasks (and their std over runs), and how many tasks each side wins
+by its mean. Results go to `comparison.{json,csv}` in `<single>/reports` (the first single run) by
+default, and the table is printed.
+
+It also reads the step each accuracy was measured at (a run report's `step`; for a task with its
+own run under `<workdir>/tasks/<dir>/`, that run's `step`). When the two sides' step budgets
+differ (or vary across a side's runs), the printed table starts with a `WARNING: different step
+budgets: ...` line, and comparison.json records it under "warnings" and "step_budgets".
 """
 from __future__ import annotations
 
@@ -34,36 +67,84 @@ import copy
 import csv
 import io
 import json
+import math
 import os
 import shutil
+import statistics
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from mtl_jax import catalogue as cat
-from mtl_jax import evaluation
+from mtl_jax.workdir import UnsafePathError, inside, task_dir_name  # noqa: F401
 
 TASKS_SUBDIR = "tasks"
 CATALOGUES_SUBDIR = "catalogues"
+REPORTS_SUBDIR = "reports"
 COMPARISON_FILE = "comparison"
+STEPS_FILE = "steps.json"
+
+STEPS_POLICIES = ("epochs", "fixed")
+DEFAULT_STEPS_POLICY = "epochs"
+DEFAULT_EPOCHS = 20.0
+DEFAULT_MIN_STEPS = 50
+
+
+# --- Task names as directory names --------------------------------------------------------------
+
+
+
+def task_paths(workdir: str | os.PathLike, name: str) -> tuple[Path, Path]:
+  """(one-task catalogue directory, run directory) of task `name` under `workdir`, checked to be
+  inside it (`UnsafePathError` otherwise)."""
+  dirname = task_dir_name(name)
+  if dirname in ("", ".", "..") or Path(dirname).name != dirname or "\0" in dirname:
+    raise UnsafePathError(f"task {name!r}: {dirname!r} is not a plain directory name. Fix: this "
+                          "is a bug in task_dir_name; report it.")
+  workdir = Path(workdir)
+  paths = []
+  for subdir in (CATALOGUES_SUBDIR, TASKS_SUBDIR):
+    path = inside(workdir, workdir / subdir / dirname)
+    if path.parent != inside(workdir, workdir / subdir):
+      raise UnsafePathError(f"task {name!r}: {path} is not directly in {workdir / subdir}.")
+    paths.append(path)
+  return paths[0], paths[1]
+
+
+def _shown(name) -> str:
+  """A task name for a log line: as it is when printable, else its repr."""
+  name = str(name)
+  return name if name.isprintable() and name.strip() == name and name else repr(name)
 
 
 # --- One-task catalogues ------------------------------------------------------------------------
 
 def write_subset_catalogue(source_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                           task_names: Sequence[str]) -> Path:
+                           task_names: Sequence[str],
+                           within: str | os.PathLike | None = None) -> Path:
   """Writes a catalogue holding only `task_names` of `source_dir` (in that order).
 
   Each split keeps the lines whose `task` is one of the names, byte for byte; lines that are not
   JSON objects are left out (the full catalogue's own validation reports them). The embedding
   file is linked (copied where links are not possible), so image row indices stay valid. An
-  existing `out_dir` with the same task list and a `_COMPLETE` marker is reused.
+  existing `out_dir` with the same task list and a `_COMPLETE` marker is reused; one with another
+  task list, or an incomplete one, is written again. An existing `out_dir` that is not a
+  catalogue (no tasks.json, not empty) is never deleted.
+
+  Args:
+    within: when given, `out_dir` and its temporary sibling must lie inside this directory
+      (symbolic links followed), checked before anything is written or deleted.
 
   Raises:
     CatalogueError: a name that is not a task of the source catalogue.
+    UnsafePathError: `out_dir` outside `within`, or an existing `out_dir` that is not a catalogue.
   """
   source_dir, out_dir = Path(source_dir), Path(out_dir)
+  tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+  if within is not None:
+    inside(within, out_dir)
+    inside(within, tmp)
   table = cat.read_task_table(source_dir)
   unknown = [n for n in task_names if not table.has_task(n)]
   if unknown:
@@ -79,10 +160,16 @@ def write_subset_catalogue(source_dir: str | os.PathLike, out_dir: str | os.Path
   if (cat.is_complete(out_dir) and (out_dir / cat.TASKS_FILE).exists()
       and (out_dir / cat.TASKS_FILE).read_text(encoding="utf-8") == tasks_json):
     return out_dir
-  if out_dir.exists():
+  if out_dir.is_symlink() or out_dir.exists():
+    if (out_dir.is_symlink() or not out_dir.is_dir()
+        or not ((out_dir / cat.TASKS_FILE).exists() or not any(out_dir.iterdir()))):
+      raise UnsafePathError(
+          f"{out_dir} exists and is not a catalogue directory (no {cat.TASKS_FILE}): refusing "
+          "to delete it. Fix: move it away, or choose another output directory.")
     shutil.rmtree(out_dir)  # An incomplete or different subset: written again.
-  tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-  if tmp.exists():
+  if tmp.is_symlink():
+    tmp.unlink()
+  elif tmp.exists():
     shutil.rmtree(tmp)
   tmp.mkdir(parents=True)
   wanted = set(task_names)
@@ -137,142 +224,351 @@ def shared_tokenizer_dir(config, workdir: str | os.PathLike, catalogue_dir: Path
 
 # --- Baselines ----------------------------------------------------------------------------------
 
-def _task_config(config, catalogue_dir: Path, tokenizer_dir: str, steps: int | None):
+def count_examples(catalogue_dir: str | os.PathLike, split: str = "train") -> int:
+  """Non-blank lines of a catalogue's split file (of a one-task catalogue: the task's examples)."""
+  path = Path(catalogue_dir) / cat.split_file(split)
+  if not path.exists():
+    return 0
+  with open(path, "rb") as f:
+    return sum(1 for line in f if line.strip())
+
+
+def resolve_steps_policy(steps: int | None = None, steps_policy: str | None = None,
+                         epochs: float = DEFAULT_EPOCHS,
+                         min_steps: int = DEFAULT_MIN_STEPS) -> str:
+  """The policy to use ("epochs" or "fixed"), checking the arguments; `--steps` implies fixed."""
+  if steps_policy is None:
+    steps_policy = "fixed" if steps is not None else DEFAULT_STEPS_POLICY
+  if steps_policy not in STEPS_POLICIES:
+    raise ValueError(f"steps_policy={steps_policy!r}: unknown. Fix: use one of {STEPS_POLICIES}.")
+  if steps is not None and (isinstance(steps, bool) or steps <= 0):
+    raise ValueError(f"steps={steps}: use a positive number of train steps per task.")
+  if steps is not None and steps_policy != "fixed":
+    raise ValueError(f"steps={steps} with steps_policy={steps_policy!r}: --steps gives every task "
+                     "the same count. Fix: drop --steps, or use --steps_policy=fixed.")
+  if steps_policy == "epochs":
+    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
+      raise ValueError(f"epochs={epochs}: use a positive number of passes over each task's "
+                       f"train split, e.g. {DEFAULT_EPOCHS:g}.")
+    if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 1:
+      raise ValueError(f"min_steps={min_steps}: use a positive number of steps, e.g. "
+                       f"{DEFAULT_MIN_STEPS}.")
+  return steps_policy
+
+
+def steps_for_task(config, num_train: int, steps_policy: str = DEFAULT_STEPS_POLICY,
+                   steps: int | None = None, epochs: float = DEFAULT_EPOCHS,
+                   min_steps: int = DEFAULT_MIN_STEPS) -> int:
+  """Train steps for a task with `num_train` train examples (see the module docstring)."""
+  if steps_policy == "fixed":
+    return int(steps if steps is not None else config.total_steps)
+  wanted = math.ceil(epochs * num_train / config.batch_size)
+  return int(max(1, min(config.total_steps, max(min_steps, wanted))))
+
+
+def _task_config(config, catalogue_dir: Path, tokenizer_dir: str, steps: int):
   task_config = copy.deepcopy(config)
   with task_config.unlocked():
     task_config.data.catalogue_dir = os.fspath(catalogue_dir)
     if tokenizer_dir:
       task_config.data.tokenizer_dir = tokenizer_dir
-    if steps is not None:
-      if steps <= 0:
-        raise ValueError(f"steps={steps}: use a positive number of train steps per task.")
-      task_config.total_steps = steps
+    if steps <= 0:
+      raise ValueError(f"steps={steps}: use a positive number of train steps per task.")
+    if steps != config.total_steps:
+      # The warmup keeps its share of the run, so a short baseline is not all warmup.
+      task_config.optimizer.warmup_steps = int(round(
+          config.optimizer.warmup_steps * steps / max(config.total_steps, 1)))
+    task_config.total_steps = steps
   return task_config
 
 
 def _read_report(path: Path) -> dict:
-  return json.loads(path.read_text(encoding="utf-8"))
+  report = json.loads(path.read_text(encoding="utf-8"))
+  if not (isinstance(report, dict) and isinstance(report.get("tasks"), list)
+          and all(isinstance(r, dict) and "task" in r for r in report["tasks"])):
+    raise ValueError(f"{path}: not a run report (want a JSON object with a \"tasks\" list of "
+                     "rows that each name their \"task\"). Fix: point at a run's workdir.")
+  return report
+
+
+def _gather(workdir: Path, names: Sequence[str], split: str) -> dict:
+  from mtl_jax import evaluation  # Local: keeps `compare` and the path helpers light.
+  reports = [_read_report(task_paths(workdir, n)[1] / REPORTS_SUBDIR / f"{split}.json")
+             for n in names]
+  rows = [row for report in reports for row in report["tasks"]]
+  summary = evaluation.summarize(rows)
+  for key in ("skipped_records", "skipped_train_records"):  # Per task, so they add up.
+    counts = [r.get("summary", {}).get(key) for r in reports]
+    if key in summary and all(isinstance(c, int) for c in counts):
+      summary[key] = sum(counts)
+  evaluation.write_report(workdir, split, max(r.get("step", 0) for r in reports),
+                          evaluation.SplitResult(rows, summary, {}))
+  shown = [{**r, "task": _shown(r["task"])} for r in rows]
+  print(evaluation.format_table(f"single-task {split}", shown, summary), flush=True)
+  return summary
 
 
 def train_single_task_baselines(config, workdir: str | os.PathLike,
                                 tasks: Iterable[str] | None = None,
-                                steps: int | None = None) -> dict:
+                                steps: int | None = None, steps_policy: str | None = None,
+                                epochs: float = DEFAULT_EPOCHS,
+                                min_steps: int = DEFAULT_MIN_STEPS) -> dict:
   """Trains one model per task and gathers their reports.
 
   Args:
     config: the multi-task run's config (any catalogue, model and optimiser settings).
     workdir: where the catalogues, runs and gathered reports go.
     tasks: task names; None: every task of the catalogue.
-    steps: train steps per task; None: the config's `total_steps`.
+    steps: train steps of every task (the "fixed" policy).
+    steps_policy: "epochs" or "fixed"; None: "fixed" when `steps` is given, else "epochs".
+    epochs, min_steps: of the "epochs" policy (see the module docstring).
 
   Returns:
     {"validation": summary, "test": summary} over the chosen tasks' single-task runs.
   """
+  steps_policy = resolve_steps_policy(steps, steps_policy, epochs, min_steps)
   from mtl_jax import train  # Local: keeps `compare` light.
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   full_dir = source_catalogue(config, workdir)
   table = cat.read_task_table(full_dir)
-  names = list(table.names) if tasks is None else list(tasks)
+  names = list(table.names) if tasks is None else list(dict.fromkeys(tasks))
   if not names:
     raise ValueError("tasks: no task chosen. Fix: name at least one task, or leave --tasks "
                      "empty for all of them.")
+  unknown = [n for n in names if not table.has_task(n)]
+  if unknown:
+    raise cat.CatalogueError(
+        f"{full_dir / cat.TASKS_FILE}, field 'tasks': {unknown} are not tasks of this "
+        f"catalogue. Fix: choose among its {table.num_tasks} tasks "
+        f"({', '.join(table.names[:5])}{', ...' if table.num_tasks > 5 else ''}).")
+  paths = {n: task_paths(workdir, n) for n in names}  # Every path checked before any write.
   tokenizer_dir = shared_tokenizer_dir(config, workdir, full_dir)
+  steps_path = workdir / STEPS_FILE
+  plan = {"tasks": {}}
+  if steps_path.exists():  # Keeps what earlier invocations trained.
+    try:
+      plan["tasks"] = dict(json.loads(steps_path.read_text(encoding="utf-8"))["tasks"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+      pass
+  plan.update(policy=steps_policy, batch_size=int(config.batch_size),
+              total_steps=int(config.total_steps))
+  if steps_policy == "epochs":
+    plan.update(epochs=epochs, min_steps=min_steps)
   for i, name in enumerate(names):
-    run_dir = workdir / TASKS_SUBDIR / name
-    if (run_dir / "reports" / "test.json").exists():
-      print(f"[{i + 1}/{len(names)}] {name}: done earlier ({run_dir}/reports)", flush=True)
+    catalogue_dir, run_dir = paths[name]
+    shown = f"[{i + 1}/{len(names)}] {_shown(name)}"
+    if (run_dir / REPORTS_SUBDIR / "test.json").exists():
+      print(f"{shown}: done earlier ({run_dir}/{REPORTS_SUBDIR})", flush=True)
       continue
-    print(f"[{i + 1}/{len(names)}] {name}: training a single-task model in {run_dir}",
-          flush=True)
-    task_catalogue = write_subset_catalogue(full_dir, workdir / CATALOGUES_SUBDIR / name, [name])
-    train.train_and_evaluate(_task_config(config, task_catalogue, tokenizer_dir, steps),
+    task_catalogue = write_subset_catalogue(full_dir, catalogue_dir, [name], within=workdir)
+    num_train = count_examples(task_catalogue, "train")
+    task_steps = steps_for_task(config, num_train, steps_policy, steps, epochs, min_steps)
+    epochs_run = task_steps * config.batch_size / max(num_train, 1)
+    plan["tasks"][name] = {"dir": run_dir.name, "train_examples": num_train,
+                           "steps": task_steps, "epochs": round(epochs_run, 2),
+                           "policy": steps_policy}
+    steps_path.write_text(json.dumps(plan, indent=1), encoding="utf-8")
+    print(f"{shown}: training a single-task model in {run_dir}: {task_steps} steps "
+          f"({num_train} train examples, {epochs_run:.1f} epochs at batch {config.batch_size}; "
+          f"steps policy {steps_policy})", flush=True)
+    inside(workdir, run_dir)
+    train.train_and_evaluate(_task_config(config, task_catalogue, tokenizer_dir, task_steps),
                              str(run_dir))
-  results = {}
-  for split in ("validation", "test"):
-    reports = [_read_report(workdir / TASKS_SUBDIR / n / "reports" / f"{split}.json")
-               for n in names]
-    rows = [row for report in reports for row in report["tasks"]]
-    results[split] = evaluation.summarize(rows)
-    evaluation.write_report(workdir, split, max(r["step"] for r in reports), rows,
-                            results[split])
-    print(evaluation.format_table(f"single-task {split}", rows, results[split]), flush=True)
-  return results
+  return {split: _gather(workdir, names, split) for split in ("validation", "test")}
 
 
 # --- Comparison ---------------------------------------------------------------------------------
 
-def _accuracies(report_path: Path) -> dict[str, float | None]:
+def _run_results(workdir: Path, split: str) -> tuple[dict, dict]:
+  """({task: accuracy or None}, {task: step or None}) of one run's `split` report; a task's step
+  is its own run's (`<workdir>/tasks/<dir>/reports/`) where there is one, else the report's."""
+  report_path = workdir / REPORTS_SUBDIR / f"{split}.json"
   if not report_path.exists():
-    raise FileNotFoundError(f"{report_path}: missing. Fix: finish the run first (its test "
+    raise FileNotFoundError(f"{report_path}: missing. Fix: finish the run first (its {split} "
                             "report is written at the end of training).")
-  return {r["task"]: r["accuracy"] for r in _read_report(report_path)["tasks"]}
+  report = _read_report(report_path)
+  accuracies = {r["task"]: r.get("accuracy") for r in report["tasks"]}
+  steps = {}
+  for task in accuracies:
+    step = report.get("step")
+    try:
+      own = workdir / TASKS_SUBDIR / task_dir_name(str(task)) / REPORTS_SUBDIR / f"{split}.json"
+      if own.exists():
+        step = json.loads(own.read_text(encoding="utf-8")).get("step", step)
+    except (ValueError, OSError, AttributeError):
+      pass
+    steps[task] = step if isinstance(step, int) and not isinstance(step, bool) else None
+  return accuracies, steps
 
 
-def compare(mtl_workdir: str | os.PathLike, single_workdir: str | os.PathLike,
-            out_dir: str | os.PathLike | None = None, split: str = "test") -> dict:
-  """Per-task multi-task vs single-task accuracy on `split`.
+def _as_runs(workdirs) -> list[Path]:
+  if isinstance(workdirs, (str, os.PathLike)):
+    workdirs = [workdirs]
+  runs = [Path(w) for w in workdirs]
+  if not runs:
+    raise ValueError("compare: a side has no run. Fix: give at least one workdir per side.")
+  return runs
 
-  Only tasks in both reports with an accuracy on both sides are compared; the others are listed
-  under `not_compared`. A task is a win for the side with the higher accuracy (equal: a tie).
+
+def _std(values: Sequence[float]) -> float | None:
+  return float(statistics.stdev(values)) if len(values) > 1 else None
+
+
+def _gap_std(a: float | None, b: float | None) -> float | None:
+  known = [x for x in (a, b) if x is not None]
+  return float(math.sqrt(sum(x * x for x in known))) if known else None
+
+
+def _describe_steps(steps: Sequence[int]) -> str:
+  distinct = sorted(set(steps))
+  if not distinct:
+    return "an unknown number of steps"
+  if len(distinct) == 1:
+    return f"{distinct[0]} steps"
+  return f"{distinct[0]} to {distinct[-1]} steps (varying by task or run)"
+
+
+def compare(mtl_workdirs, single_workdirs, out_dir: str | os.PathLike | None = None,
+            split: str = "test") -> dict:
+  """Per-task multi-task vs single-task accuracy on `split`, over one or several runs per side.
+
+  Args:
+    mtl_workdirs, single_workdirs: a workdir, or a sequence of them (e.g. one per seed). Each
+      needs `reports/<split>.json`; any run may be on either side (two multi-task runs compare).
+    out_dir: where comparison.{json,csv} go (default: `<first single workdir>/reports`).
+
+  Only tasks with an accuracy in every run of both sides are compared; the others are listed
+  under `not_compared`. A task is a win for the side with the higher mean accuracy (equal: a tie).
 
   Returns:
-    {"split", "tasks": [{"task", "mtl_accuracy", "single_accuracy", "difference"}],
-     "summary": {"tasks_compared", "mean_mtl_accuracy", "mean_single_accuracy",
-                 "mean_difference", "mtl_wins", "single_wins", "ties"}, "not_compared"}
-    (difference = MTL - single), also written to `<out_dir>/comparison.{json,csv}` (default
-    out_dir: `<single_workdir>/reports`).
+    {"split", "mtl_workdirs", "single_workdirs", "mtl_workdir", "single_workdir" (the first of
+     each), "tasks": [{"task", "mtl_accuracy", "single_accuracy", "difference" (means over runs;
+     difference = MTL - single), "mtl_std", "single_std", "difference_std" (see the module
+     docstring; None when unknown), "mtl_runs", "single_runs"}],
+     "summary": {"tasks_compared", "mtl_runs", "single_runs", "mean_mtl_accuracy",
+                 "mean_single_accuracy", "mean_difference", "mean_mtl_accuracy_std",
+                 "mean_single_accuracy_std", "mean_difference_std", "mtl_wins", "single_wins",
+                 "ties"},
+     "step_budgets": {"mtl": [distinct steps], "single": [...], "same": bool,
+                      "tasks_with_different_budgets": [task, ...]},
+     "warnings": [line, ...], "not_compared": [task, ...]}
+    also written to `<out_dir>/comparison.{json,csv}`.
   """
-  mtl = _accuracies(Path(mtl_workdir) / "reports" / f"{split}.json")
-  single = _accuracies(Path(single_workdir) / "reports" / f"{split}.json")
-  rows, not_compared = [], []
-  for task in list(mtl) + [t for t in single if t not in mtl]:
-    a, b = mtl.get(task), single.get(task)
-    if a is None or b is None:
+  mtl_runs, single_runs = _as_runs(mtl_workdirs), _as_runs(single_workdirs)
+  mtl = [_run_results(w, split) for w in mtl_runs]
+  single = [_run_results(w, split) for w in single_runs]
+  order = list(dict.fromkeys(t for acc, _ in mtl + single for t in acc))
+  rows, not_compared, per_task_steps = [], [], {}
+  for task in order:
+    a = [acc.get(task) for acc, _ in mtl]
+    b = [acc.get(task) for acc, _ in single]
+    if any(x is None for x in a + b):
       not_compared.append(task)
       continue
-    rows.append({"task": task, "mtl_accuracy": a, "single_accuracy": b, "difference": a - b})
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    std_a, std_b = _std(a), _std(b)
+    rows.append({"task": task, "mtl_accuracy": mean_a, "single_accuracy": mean_b,
+                 "difference": mean_a - mean_b, "mtl_std": std_a, "single_std": std_b,
+                 "difference_std": _gap_std(std_a, std_b), "mtl_runs": len(a),
+                 "single_runs": len(b)})
+    per_task_steps[task] = ([s[task] for _, s in mtl], [s[task] for _, s in single])
   if not rows:
-    raise ValueError(f"No task has a {split} accuracy in both {mtl_workdir} and "
-                     f"{single_workdir}. Fix: compare runs over the same catalogue.")
+    raise ValueError(
+        f"No task has a {split} accuracy in both {','.join(map(str, mtl_runs))} and "
+        f"{','.join(map(str, single_runs))} (in every run of each side). Fix: compare runs over "
+        "the same catalogue.")
   diff = np.array([r["difference"] for r in rows])
+  compared = [r["task"] for r in rows]
+  # Per run: its mean accuracy over the compared tasks; their spread is the seeds' spread.
+  run_means_a = [statistics.fmean(acc[t] for t in compared) for acc, _ in mtl]
+  run_means_b = [statistics.fmean(acc[t] for t in compared) for acc, _ in single]
+  std_mean_a, std_mean_b = _std(run_means_a), _std(run_means_b)
   summary = {
       "tasks_compared": len(rows),
+      "mtl_runs": len(mtl_runs),
+      "single_runs": len(single_runs),
       "mean_mtl_accuracy": float(np.mean([r["mtl_accuracy"] for r in rows])),
       "mean_single_accuracy": float(np.mean([r["single_accuracy"] for r in rows])),
       "mean_difference": float(diff.mean()),
+      "mean_mtl_accuracy_std": std_mean_a,
+      "mean_single_accuracy_std": std_mean_b,
+      "mean_difference_std": _gap_std(std_mean_a, std_mean_b),
       "mtl_wins": int(np.sum(diff > 0)),
       "single_wins": int(np.sum(diff < 0)),
       "ties": int(np.sum(diff == 0)),
   }
-  result = {"split": split, "mtl_workdir": os.fspath(mtl_workdir),
-            "single_workdir": os.fspath(single_workdir), "summary": summary, "tasks": rows,
-            "not_compared": not_compared}
-  out = Path(out_dir) if out_dir is not None else Path(single_workdir) / "reports"
+  mtl_steps = [s for a, _ in per_task_steps.values() for s in a if s is not None]
+  single_steps = [s for _, b in per_task_steps.values() for s in b if s is not None]
+  differing = [t for t, (a, b) in per_task_steps.items()
+               if len({s for s in a + b if s is not None}) > 1]
+  warnings = []
+  if differing:
+    warnings.append(
+        f"WARNING: different step budgets: multi-task {_describe_steps(mtl_steps)}, single-task "
+        f"{_describe_steps(single_steps)}, for {len(differing)} of the {len(rows)} compared "
+        "tasks; the accuracy gaps mix the models with their training lengths.")
+  unknown = [t for t, (a, b) in per_task_steps.items() if None in a + b]
+  if unknown:
+    warnings.append(f"WARNING: the step of {len(unknown)} compared tasks is not in their "
+                    "reports: whether the budgets match is unknown for them.")
+  result = {"split": split,
+            "mtl_workdir": os.fspath(mtl_runs[0]), "single_workdir": os.fspath(single_runs[0]),
+            "mtl_workdirs": [os.fspath(w) for w in mtl_runs],
+            "single_workdirs": [os.fspath(w) for w in single_runs],
+            "summary": summary, "tasks": rows,
+            "step_budgets": {"mtl": sorted(set(mtl_steps)), "single": sorted(set(single_steps)),
+                             "same": not differing and not unknown,
+                             "tasks_with_different_budgets": differing},
+            "warnings": warnings, "not_compared": not_compared}
+  out = Path(out_dir) if out_dir is not None else single_runs[0] / REPORTS_SUBDIR
   out.mkdir(parents=True, exist_ok=True)
-  (out / f"{COMPARISON_FILE}.json").write_text(json.dumps(result, indent=1))
+  (out / f"{COMPARISON_FILE}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
   writer.writeheader()
   writer.writerows(rows)
-  (out / f"{COMPARISON_FILE}.csv").write_text(buffer.getvalue())
+  (out / f"{COMPARISON_FILE}.csv").write_text(buffer.getvalue(), encoding="utf-8",
+                                              errors="backslashreplace")
   return result
+
+
+def _f(value, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
 
 
 def format_comparison(result: dict) -> str:
   s = result["summary"]
-  lines = [f"{result['split']}: multi-task vs single-task accuracy over {s['tasks_compared']} "
-           "tasks",
-           f"{'task':<28} {'mtl':>7} {'single':>7} {'diff':>7}"]
-  for r in result["tasks"]:
-    lines.append(f"{r['task'][:28]:<28} {r['mtl_accuracy']:>7.3f} {r['single_accuracy']:>7.3f} "
-                 f"{r['difference']:>+7.3f}")
-  lines.append(f"{'mean':<28} {s['mean_mtl_accuracy']:>7.3f} {s['mean_single_accuracy']:>7.3f} "
-               f"{s['mean_difference']:>+7.3f}")
+  several = s.get("mtl_runs", 1) > 1 or s.get("single_runs", 1) > 1
+  lines = list(result.get("warnings", []))
+  if not several:
+    lines += [f"{result['split']}: multi-task vs single-task accuracy over "
+              f"{s['tasks_compared']} tasks",
+              f"{'task':<28} {'mtl':>7} {'single':>7} {'diff':>7}"]
+    for r in result["tasks"]:
+      lines.append(f"{_shown(r['task'])[:28]:<28} {r['mtl_accuracy']:>7.3f} "
+                   f"{r['single_accuracy']:>7.3f} {r['difference']:>+7.3f}")
+    lines.append(f"{'mean':<28} {s['mean_mtl_accuracy']:>7.3f} "
+                 f"{s['mean_single_accuracy']:>7.3f} {s['mean_difference']:>+7.3f}")
+  else:
+    lines += [f"{result['split']}: multi-task ({s['mtl_runs']} runs) vs single-task "
+              f"({s['single_runs']} runs) accuracy over {s['tasks_compared']} tasks: mean and "
+              "std over runs",
+              f"{'task':<28} {'mtl':>7} {'std':>6} {'single':>7} {'std':>6} {'diff':>7} "
+              f"{'std':>6}"]
+    rows = [(_shown(r["task"])[:28], r["mtl_accuracy"], r["mtl_std"], r["single_accuracy"],
+             r["single_std"], r["difference"], r["difference_std"]) for r in result["tasks"]]
+    rows.append(("mean", s["mean_mtl_accuracy"], s["mean_mtl_accuracy_std"],
+                 s["mean_single_accuracy"], s["mean_single_accuracy_std"], s["mean_difference"],
+                 s["mean_difference_std"]))
+    for task, a, sa, b, sb, d, sd in rows:
+      lines.append(f"{task:<28} {a:>7.3f} {_f(sa, '.3f'):>6} {b:>7.3f} {_f(sb, '.3f'):>6} "
+                   f"{d:>+7.3f} {_f(sd, '.3f'):>6}")
   lines.append(f"multi-task wins {s['mtl_wins']}, single-task wins {s['single_wins']}, "
                f"ties {s['ties']}")
   if result["not_compared"]:
-    lines.append(f"not compared (no accuracy on one side): {', '.join(result['not_compared'])}")
+    lines.append("not compared (no accuracy in every run of both sides): "
+                 f"{', '.join(map(_shown, result['not_compared']))}")
   return "\n".join(lines)
 
 
@@ -283,12 +579,17 @@ def _compare_main(argv: Sequence[str]) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m mtl_jax.single_task compare",
       description="Per-task accuracy of a multi-task run vs single-task baselines.")
-  parser.add_argument("--mtl", required=True, help="The multi-task run's workdir.")
-  parser.add_argument("--single", required=True, help="The single-task runner's workdir.")
-  parser.add_argument("--out", default=None, help="Output folder (default: <single>/reports).")
+  parser.add_argument("--mtl", required=True, action="append",
+                      help="The multi-task run's workdir; several (e.g. one per seed): "
+                           "comma-separated, or the flag repeated.")
+  parser.add_argument("--single", required=True, action="append",
+                      help="The single-task runner's workdir; several: as for --mtl.")
+  parser.add_argument("--out", default=None,
+                      help="Output folder (default: <first single workdir>/reports).")
   parser.add_argument("--split", default="test", choices=("validation", "test"))
   args = parser.parse_args(argv)
-  result = compare(args.mtl, args.single, args.out, args.split)
+  split_runs = lambda values: [w for v in values for w in v.split(",") if w.strip()]
+  result = compare(split_runs(args.mtl), split_runs(args.single), args.out, args.split)
   print(format_comparison(result), flush=True)
   return 0
 
@@ -301,14 +602,23 @@ def _train_main(argv: Sequence[str]) -> None:
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Where the baselines' catalogues, runs and reports go.")
   flags.DEFINE_list("tasks", [], "Task names (default: every task of the catalogue).")
-  flags.DEFINE_integer("steps", None, "Train steps per task (default: config.total_steps).")
+  flags.DEFINE_enum("steps_policy", None, list(STEPS_POLICIES),
+                    f"How many steps each task trains (default: {DEFAULT_STEPS_POLICY}, or fixed "
+                    "when --steps is given): epochs: max(min_steps, ceil(epochs * n_train / "
+                    "batch_size)) capped by config.total_steps; fixed: --steps for every task.")
+  flags.DEFINE_float("epochs", DEFAULT_EPOCHS, "Passes over each task's train split (epochs "
+                     "policy).")
+  flags.DEFINE_integer("min_steps", DEFAULT_MIN_STEPS, "Fewest steps of a task (epochs policy).")
+  flags.DEFINE_integer("steps", None, "Train steps of every task (the fixed policy; default: "
+                       "config.total_steps).")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(unused_argv):
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
-    train_single_task_baselines(flags.FLAGS.config, flags.FLAGS.workdir,
-                                flags.FLAGS.tasks or None, flags.FLAGS.steps)
+    f = flags.FLAGS
+    train_single_task_baselines(f.config, f.workdir, f.tasks or None, f.steps, f.steps_policy,
+                                f.epochs, f.min_steps)
 
   app.run(main, argv=list(argv))
 

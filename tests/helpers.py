@@ -1,8 +1,8 @@
-"""Small builders shared by the tests: a tiny trainer and random batches, no catalogue needed."""
+"""Small builders shared by the tests: a tiny model and random batches, no catalogue needed."""
 import numpy as np
 
 from configs import demo
-from mtl_jax import sharding, train
+from mtl_jax import sharding, state
 from mtl_jax.model import ModelSpec
 
 NUM_CLASSES = np.array([3, 5, 7, 2, 9, 4], np.int32)
@@ -21,14 +21,14 @@ def tiny_config(**overrides):
   return config
 
 
-def tiny_trainer(config=None, num_classes=NUM_CLASSES, devices=None):
+def tiny_model(config=None, num_classes=NUM_CLASSES, devices=None):
   config = config or tiny_config()
   spec = ModelSpec(vocab_size=VOCAB, max_positions=config.data.max_text_len, image_dim=8,
                    max_images=2, hidden_size=config.model.hidden_size,
                    num_layers=config.model.num_layers, num_heads=config.model.num_heads,
                    mlp_size=config.model.mlp_size, dropout=config.model.dropout,
                    dtype=config.model.dtype, remat=config.model.remat)
-  return train.Trainer(config, spec, num_classes, sharding.make_mesh(config.mesh, devices))
+  return state.Model(config, spec, num_classes, sharding.make_mesh(config.mesh, devices))
 
 
 def random_batch(seed, batch_size=16, num_classes=NUM_CLASSES, text_len=24, tasks=None):

@@ -55,6 +55,121 @@ def test_bad_field_is_named_with_its_fix(override, expected):
     assert text in message, message
 
 
+NAN, INF = float("nan"), float("inf")
+
+# (field, bad value, the problem the message must state): every numeric field of base_config().
+BAD_NUMBERS = [
+    ("optimizer.learning_rate", -1e-3, "-0.001 must be > 0 (a negative rate trains backwards)"),
+    ("optimizer.learning_rate", 0.0, "0.0 must be > 0"),
+    ("optimizer.learning_rate", NAN, "nan is not a finite number"),
+    ("optimizer.learning_rate", INF, "inf is not a finite number"),
+    ("optimizer.warmup_steps", -1, "-1 must be >= 0"),
+    ("optimizer.end_learning_rate_factor", 1.5, "1.5 is outside [0, 1]"),
+    ("optimizer.end_learning_rate_factor", -0.1, "-0.1 is outside [0, 1]"),
+    ("optimizer.weight_decay", -0.01, "-0.01 must be >= 0"),
+    ("optimizer.b1", 1.0, "1.0 is outside [0, 1)"),
+    ("optimizer.b2", -0.1, "-0.1 is outside [0, 1)"),
+    ("optimizer.eps", 0.0, "0.0 must be > 0"),
+    ("optimizer.clip_norm", -1.0, "-1.0 must be > 0"),
+    ("model.hidden_size", 0, "0 must be >= 1"),
+    ("model.num_layers", 0, "0 must be >= 1"),
+    ("model.num_heads", -2, "-2 must be >= 1"),
+    ("model.mlp_size", 0, "0 must be >= 1"),
+    ("model.dropout", 1.0, "1.0 is outside [0, 1)"),
+    ("model.dropout", -0.1, "-0.1 is outside [0, 1)"),
+    ("model.max_classes", 1, "1 must be >= 2 (a task head needs at least two classes)"),
+    ("model.adapter_size", 0, "0 must be >= 1"),
+    ("model.adapter_layers", 0, "0 must be >= 1"),
+    ("data.max_text_len", 2, "2 must be >= 3 (room for [CLS] and two [SEP] tokens)"),
+    ("data.vocab_size", 0, "0 must be >= 1"),
+    ("data.prefetch", -1, "-1 must be >= 0"),
+    ("data.synthetic.num_tasks", 0, "0 must be >= 1"),
+    ("data.synthetic.seed", -1, "-1 must be >= 0"),
+    ("data.synthetic.min_products", 0, "0 must be >= 1"),
+    ("data.synthetic.max_products", 0, "0 must be >= 1"),
+    ("data.synthetic.min_classes", 0, "0 must be >= 1"),
+    ("data.synthetic.max_classes", 0, "0 must be >= 1"),
+    ("data.synthetic.image_dim", 0, "0 must be >= 1"),
+    ("data.synthetic.max_images", -1, "-1 must be >= 0"),
+    ("data.synthetic.label_noise", 1.0, "1.0 is outside [0, 1)"),
+    ("data.synthetic.label_noise", -0.1, "-0.1 is outside [0, 1)"),
+    ("sampling.alpha", NAN, "nan is not a finite number"),
+    ("sampling.alpha_start", 1.1, "1.1 is outside [0, 1]"),
+    ("sampling.alpha_end", -0.5, "-0.5 is outside [0, 1]"),
+    ("sampling.decay_steps", 0, "0 must be -1 or >= 1 (-1 decays over all of training)"),
+    ("sampling.decay_steps", -2, "-2 must be -1 or >= 1"),
+    ("augment.alpha", -0.1, "-0.1 must be >= 0"),
+    ("augment.label_smoothing", 1.0, "1.0 is outside [0, 1)"),
+    ("eval.holdout_classes", -1, "-1 must be >= 0"),
+    ("dypa.every_evals", -1, "-1 must be >= 0"),
+    ("dypa.fraction", 0.0, "0.0 is outside (0, 1]"),
+    ("dypa.max_new_adapters", -1, "-1 must be >= 0 (0 means no cap)"),
+    ("dypa.max_adapters", -1, "-1 must be >= 0"),
+    ("dypa.max_new_params", -1, "-1 must be >= 0"),
+    ("dypa.max_total_params", -5, "-5 must be >= 0"),
+    ("seed", -1, "-1 must be >= 0"),
+    ("batch_size", 0, "0 must be >= 1"),
+    ("eval_batch_size", -64, "-64 must be >= 1"),
+    ("total_steps", 0, "0 must be >= 1"),
+    ("log_every", 0, "0 must be >= 1"),
+    ("eval_every", -1, "-1 must be >= 1"),
+    ("checkpoint_every", 0, "0 must be >= 1"),
+    ("max_to_keep", 0, "0 must be >= 1"),
+    ("mesh.data", 0, "0 must be -1 or >= 1 (-1 uses all remaining devices)"),
+    ("mesh.model", -2, "-2 must be -1 or >= 1"),
+]
+
+
+@pytest.mark.parametrize("field,value,problem", BAD_NUMBERS,
+                         ids=[f"{f}={v}" for f, v, _ in BAD_NUMBERS])
+def test_numeric_field_out_of_range_is_named_with_its_fix(field, value, problem):
+  with pytest.raises(config_base.ConfigError) as error:
+    config_base.validate_config(tiny_config(**{field: value}), 1)
+  message = str(error.value)
+  assert isinstance(error.value, ValueError)  # `pytest.raises(ValueError)` callers still work.
+  assert message.startswith(f"config.{field}: {problem}"), message
+  default = config_base.base_config()
+  for part in field.split("."):
+    default = default[part]
+  assert f". Fix: set a value " in message and f"--config.{field}={default!r}" in message
+
+
+def test_the_numeric_ranges_cover_every_numeric_field():
+  def numeric_leaves(tree, prefix=""):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from numeric_leaves(value, f"{prefix}{key}.")
+      elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield f"{prefix}{key}"
+
+  fields = set(numeric_leaves(config_base.base_config().to_dict()))
+  assert fields == set(config_base.NUMERIC_RANGES)
+  assert {f for f, _, _ in BAD_NUMBERS} == fields  # The table above tries every one of them.
+
+
+def test_learning_rate_message_in_full():
+  with pytest.raises(ValueError) as error:
+    config_base.validate_config(tiny_config(**{"optimizer.learning_rate": -1e-3}), 1)
+  assert str(error.value) == (
+      "config.optimizer.learning_rate: -0.001 must be > 0 (a negative rate trains backwards). "
+      "Fix: set a value > 0, e.g. --config.optimizer.learning_rate=0.001 (the default)")
+
+
+def test_cross_field_and_list_ranges():
+  message = fails(tiny_config(**{"data.synthetic.min_products": 500}))
+  assert message == ("config.data.synthetic.min_products: 500 is above "
+                     "data.synthetic.max_products=300. Fix: set data.synthetic.min_products <= "
+                     "data.synthetic.max_products")
+  message = fails(tiny_config(**{"data.synthetic.min_classes": 30}))
+  assert message.startswith("config.data.synthetic.min_classes: 30 is above "
+                            "data.synthetic.max_classes=24")
+  message = fails(tiny_config(**{"dypa.at_steps": "0,100"}))
+  assert message.startswith("config.dypa.at_steps: '0,100' holds a step <= 0")
+  # Errors raised by sharding.mesh_shape come out as ConfigError too.
+  with pytest.raises(config_base.ConfigError, match="config.mesh: at most one"):
+    config_base.validate_config(tiny_config(**{"mesh.model": -1}), 1)
+
+
 def test_batch_not_divisible_by_the_devices():
   message = fails(tiny_config(batch_size=6), num_devices=4)
   assert "config.batch_size: 6 is not a positive multiple of the 4 data-parallel devices" in message

@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from mtl_jax import dypa, synthetic, train
-from tests.helpers import NUM_CLASSES, random_batch, tiny_config, tiny_trainer
+from mtl_jax import dypa, state as state_lib, steps, synthetic, train
+from tests.helpers import NUM_CLASSES, random_batch, tiny_config, tiny_model
 
 NAMES = [f"task{t}" for t in range(len(NUM_CLASSES))]
 
@@ -15,33 +15,32 @@ def rows(accuracy, loss=None):
   return [{"task": n, "accuracy": a, "loss": l} for n, a, l in zip(NAMES, accuracy, loss)]
 
 
-def trained(config, steps=3):
-  trainer = tiny_trainer(config)
-  state = trainer.create_state(jax.random.key(0))
-  step = trainer.jitted_train_step(1)
-  for i in range(steps):
-    state, _ = step(state, trainer.global_batch(random_batch(i)))
-  return trainer, state
+def trained(config, num_steps=3):
+  model = tiny_model(config)
+  state = model.create_state(jax.random.key(0))
+  step = steps.jitted_train_step(model, 1)
+  for i in range(num_steps):
+    state, _ = step(state, model.global_batch(random_batch(i)))
+  return model, state
 
 
-def probs(trainer, state, batch):
-  b = trainer.global_batch(dict(batch, example_mask=np.ones(len(batch["label"]), np.int32)))
-  return np.asarray(jax.jit(trainer.predict_probs)(state.params, state.adapter_map,
-                                                   state.num_classes, b))
+def probs(model, state, batch):
+  return np.asarray(steps.jitted_predict_step(model, state_lib.num_adapter_slots(state))(
+      state.params, state.adapter_map, state.num_classes, model.global_batch(batch)))
 
 
 def test_expansion_keeps_every_output_and_grows_the_optimiser_state():
   config = tiny_config(**{"dypa.fraction": 0.5})
-  trainer, state = trained(config)
+  model, state = trained(config)
   batch = random_batch(99, batch_size=24)
-  before = probs(trainer, state, batch)
+  before = probs(model, state, batch)
   old_map = np.asarray(state.adapter_map)
-  state, event = dypa.expand(trainer, state, rows([0.9, 0.2, 0.8, 0.1, 0.5, 0.95]), step=3)
+  state, event = dypa.expand(model, state, rows([0.9, 0.2, 0.8, 0.1, 0.5, 0.95]), step=3)
   # The lowest half (3 of 6) by accuracy: task3, task1, task4.
   assert event["tasks"] == ["task1", "task3", "task4"]
   assert event["adapters_before"] == 0 and event["adapters_after"] == 3
   assert event["parameters_after"] > event["parameters_before"]
-  np.testing.assert_array_equal(probs(trainer, state, batch), before)  # Bit for bit.
+  np.testing.assert_array_equal(probs(model, state, batch), before)  # Bit for bit.
   new_map = np.asarray(state.adapter_map)
   assert sorted(new_map[[1, 3, 4]]) == [1, 2, 3]
   np.testing.assert_array_equal(new_map[[0, 2, 5]], old_map[[0, 2, 5]])
@@ -50,8 +49,8 @@ def test_expansion_keeps_every_output_and_grows_the_optimiser_state():
     jax.tree.map(lambda p, m: np.testing.assert_equal(p.shape, m.shape), adapters, tree)
   assert moments.count.shape == (4,)
   # The next step runs on the grown state and moves the new adapters of tasks in the batch.
-  step = trainer.jitted_train_step(4)
-  state, metrics = step(state, trainer.global_batch(random_batch(5, tasks=[1, 3])))
+  step = steps.jitted_train_step(model, 4)
+  state, metrics = step(state, model.global_batch(random_batch(5, tasks=[1, 3])))
   assert np.isfinite(float(metrics["loss"]))
   up = np.asarray(state.params["tasks"]["adapters"]["up"])
   assert np.abs(up[new_map[1]]).sum() > 0 and np.abs(up[new_map[4]]).sum() == 0
@@ -61,16 +60,16 @@ def test_expansion_keeps_every_output_and_grows_the_optimiser_state():
 
 def test_a_task_never_gets_two_adapters_and_budgets_cap_selection():
   config = tiny_config(**{"dypa.fraction": 1.0, "dypa.max_new_adapters": 2})
-  trainer, state = trained(config, steps=1)
-  state, first = dypa.expand(trainer, state, rows([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), step=1)
+  model, state = trained(config, num_steps=1)
+  state, first = dypa.expand(model, state, rows([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), step=1)
   assert first["tasks"] == ["task0", "task1"]
-  state, second = dypa.expand(trainer, state, rows([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), step=2)
+  state, second = dypa.expand(model, state, rows([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), step=2)
   assert second["tasks"] == ["task2", "task3"]  # The neediest tasks without an adapter.
   per_slot = dypa.task_layers.adapter_params_per_slot(config.model.hidden_size,
                                                       config.model.adapter_size, 1)
   config.dypa.max_new_adapters = 0
   config.dypa.max_total_params = 5 * per_slot
-  state, third = dypa.expand(trainer, state, rows([0.1] * 6), step=3)
+  state, third = dypa.expand(model, state, rows([0.1] * 6), step=3)
   assert len(third["tasks"]) == 1 and third["adapters_after"] == 5
 
 
@@ -93,16 +92,16 @@ def test_explicit_unknown_task_is_an_error():
     dypa.task_scores(config, rows([0.5] * 6))
 
 
-def test_one_extra_compilation_per_expansion():
-  trainer = tiny_trainer(tiny_config(**{"dypa.fraction": 0.5}))
-  trainer.train_step = chex.assert_max_traces(trainer.train_step, n=2)
-  state = trainer.create_state(jax.random.key(0))
+def test_one_extra_compilation_per_expansion(monkeypatch):
+  monkeypatch.setattr(steps, "train_step", chex.assert_max_traces(steps.train_step, n=2))
+  model = tiny_model(tiny_config(**{"dypa.fraction": 0.5}))
+  state = model.create_state(jax.random.key(0))
   for i in range(6):
     if i == 3:
-      state, _ = dypa.expand(trainer, state, rows([0.1, 0.9, 0.2, 0.9, 0.3, 0.9]), step=i)
-    step = trainer.jitted_train_step(train.num_adapter_slots(state))
-    state, _ = step(state, trainer.global_batch(random_batch(i)))
-  assert train.num_adapter_slots(state) == 4
+      state, _ = dypa.expand(model, state, rows([0.1, 0.9, 0.2, 0.9, 0.3, 0.9]), step=i)
+    step = steps.jitted_train_step(model, state_lib.num_adapter_slots(state))
+    state, _ = step(state, model.global_batch(random_batch(i)))
+  assert state_lib.num_adapter_slots(state) == 4
 
 
 @pytest.fixture(scope="module")

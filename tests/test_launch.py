@@ -3,7 +3,9 @@
 Nothing here calls gcloud, srun or a GPU: every external command the scripts could run is a stub
 on PATH that records that it was called, and the dry runs must not call any of them (except
 `scontrol show hostnames`, which the SLURM script reads the hosts from). One test runs the SLURM
-script for real against a fake `srun` that starts the tasks on this machine.
+script for real against a fake `srun` that starts the tasks on this machine. The SLURM example of
+launch/README.md runs exactly as written with no scontrol on PATH, and must print what the README
+shows.
 """
 import os
 import shlex
@@ -385,6 +387,105 @@ def test_slurm_errors(stubs, repo):
     assert result.returncode != 0, (name, result.stdout)
     assert name in result.stderr, (name, result.stderr)
     assert result.stdout == ""
+
+
+def _readme_block(starting):
+  """The lines of the first ``` block of launch/README.md whose first line starts with `starting`:
+  (the command, its continuation lines joined, and the lines it printed)."""
+  with open(os.path.join(LAUNCH, "README.md")) as f:
+    blocks = f.read().split("```")[1::2]
+  block = next(b for b in blocks if b.strip().startswith(starting))
+  lines = block.strip().splitlines()
+  command = lines.pop(0)
+  while command.endswith("\\"):
+    command = command[:-1] + lines.pop(0).strip()
+  return command[2:], lines
+
+
+def _path_without(*names):
+  """The system PATH minus every directory that holds one of `names` (skips the test when that
+  also loses a tool the scripts need, e.g. scontrol installed beside bash in /usr/bin)."""
+  dirs = os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+  path = os.pathsep.join(d for d in dirs
+                         if not any(os.path.exists(os.path.join(d, n)) for n in names))
+  for tool in ("bash", "grep", "dirname"):
+    if not shutil.which(tool, path=path):
+      pytest.skip(f"{names} share a directory with {tool} on this machine's PATH")
+  return path
+
+
+def test_slurm_readme_dry_run_outside_slurm(stubs):
+  """The README's SLURM example, run exactly as written on a machine without SLURM (no scontrol
+  on PATH), prints what the README shows: hosts expanded by the script, flagged as stand-ins."""
+  command, expected = _readme_block("$ SLURM_JOB_ID=12345")
+  assert command.endswith("launch/slurm_multi_node.sh --dry-run"), command
+  bin_dir, _ = stubs
+  (bin_dir / "scontrol").unlink()  # srun and sbatch stay as stubs that record any call.
+  env = {"PATH": f"{bin_dir}{os.pathsep}{_path_without('scontrol')}", "HOME": "/root",
+         "LANG": "C.UTF-8"}
+  result = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=60)
+  assert result.returncode == 0, result.stdout
+  printed = result.stdout.replace(ROOT, "/work/main").splitlines()
+  for line in (f"+ export JAX_COORDINATOR_ADDRESS=gpu-001:{SLURM_PORT}",
+               "+ export JAX_NUM_PROCESSES=4",
+               "+ export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"):
+    assert line in printed, result.stdout
+  (srun,) = [l for l in printed if l.startswith("+ srun ")]
+  assert srun == ("+ srun --kill-on-bad-exit=1 --nodes=4 --ntasks=4 --ntasks-per-node=1 bash -c "
+                  "'export JAX_PROCESS_ID=\"$SLURM_PROCID\"; exec \"$@\" --process_id=\"$JAX_PROCESS_ID\"' "
+                  "mtl_jax python -m mtl_jax.main --config=configs/mtl1000.py "
+                  "--workdir=gs://my-bucket/mtl1000 --distributed "
+                  f"--coordinator_address=gpu-001:{SLURM_PORT} --num_processes=4")
+  assert ("[slurm_multi_node.sh] dry run outside SLURM (no scontrol on PATH): stand-in hosts "
+          "gpu-001,gpu-002,gpu-003,gpu-004 expanded by this script from "
+          "SLURM_JOB_NODELIST='gpu-[001-004]'") in printed[0]
+  assert printed == expected  # The README shows exactly what the command prints.
+  assert called(stubs, "srun") == [] and called(stubs, "sbatch") == []
+
+  # Without --dry-run the real requirement stays.
+  real = subprocess.run(["bash", "-c", command[:-len(" --dry-run")]], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=60)
+  assert real.returncode != 0 and real.stdout == ""
+  assert "slurm_multi_node.sh: error: scontrol is not on PATH: run this inside a SLURM job" in (
+      real.stderr)
+  assert called(stubs, "srun") == []
+
+
+@pytest.mark.parametrize("nodelist,hosts", [
+    ("gpu-[001-004]", "gpu-001 gpu-002 gpu-003 gpu-004"),
+    ("a,b", "a b"),
+    ("n[1,3,8-10]", "n1 n3 n8 n9 n10"),
+    ("x[08-10],y", "x08 x09 x10 y"),
+    ("rack[1-2]-n[01-02]", "rack1-n01 rack1-n02 rack2-n01 rack2-n02"),
+    ("node7", "node7"),
+])
+def test_slurm_dry_run_expands_the_node_list_without_scontrol(stubs, repo, nodelist, hosts):
+  bin_dir, _ = stubs
+  (bin_dir / "scontrol").unlink()
+  n = len(hosts.split())
+  env = {**SLURM_ENV, "SLURM_JOB_NODELIST": nodelist, "SLURM_NTASKS": str(n),
+         "REPO_DIR": str(repo), "WORKDIR": "gs://b/run",
+         "PATH": f"{bin_dir}{os.pathsep}{_path_without('scontrol')}"}
+  result = run_script("slurm_multi_node.sh", ["--dry-run"], stubs, env=env)
+  assert result.returncode == 0, result.stderr
+  cmds = commands(result.stdout)
+  assert f"export JAX_COORDINATOR_ADDRESS={hosts.split()[0]}:{SLURM_PORT}" in cmds
+  assert f"export JAX_NUM_PROCESSES={n}" in cmds
+  assert f"stand-in hosts {hosts.replace(' ', ',')} expanded by this script" in result.stderr
+
+
+@pytest.mark.parametrize("nodelist", ["gpu[a-b]", "gpu-[004-001]", "gpu-[001-004", "a,,b",
+                                      "gpu-[1-2]]", "host name"])
+def test_slurm_dry_run_without_scontrol_refuses_a_list_it_cannot_expand(stubs, repo, nodelist):
+  bin_dir, _ = stubs
+  (bin_dir / "scontrol").unlink()
+  env = {**SLURM_ENV, "SLURM_JOB_NODELIST": nodelist, "REPO_DIR": str(repo),
+         "WORKDIR": "gs://b/run", "PATH": f"{bin_dir}{os.pathsep}{_path_without('scontrol')}"}
+  result = run_script("slurm_multi_node.sh", ["--dry-run"], stubs, env=env)
+  assert result.returncode != 0 and result.stdout == ""
+  assert (f"scontrol is not on PATH and this dry run cannot expand "
+          f"SLURM_JOB_NODELIST='{nodelist}'") in result.stderr, result.stderr
 
 
 def _fake_srun_and_python(stubs, python_body):

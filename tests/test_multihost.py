@@ -37,18 +37,19 @@ INIT = textwrap.dedent("""
     assert jax.process_count() == num_processes and jax.local_device_count() == 1
 """)
 
-# The Trainer fed by hand: a fixed global batch per step, of which this process passes only
+# The train step fed by hand: a fixed global batch per step, of which this process passes only
 # the rows its device holds. argv: out.npz num_processes process_id port.
 TRAINER_WORKER = INIT + textwrap.dedent(f"""
     import numpy as np
-    from tests.helpers import random_batch, tiny_config, tiny_trainer
-    trainer = tiny_trainer(tiny_config())
+    from mtl_jax import steps
+    from tests.helpers import random_batch, tiny_config, tiny_model
+    trainer = tiny_model(tiny_config())
     assert trainer.mesh.shape["data"] == num_processes
     state = trainer.create_state(jax.random.key(0))
     local = lambda x: np.asarray(x.addressable_data(0))
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
     initial = jax.tree.map(local, state.params)
-    step = trainer.jitted_train_step(1)
+    step = steps.jitted_train_step(trainer, 1)
     # The rows of the global batch this process's device holds, as the sharding places them.
     (rows,) = trainer.batch_sharding.addressable_devices_indices_map(({GLOBAL_BATCH},)).values()
     rows = rows[0]

@@ -11,7 +11,7 @@ import pytest
 from etils import epath
 
 from mtl_jax import catalogue as cat
-from mtl_jax import new_task, predict, train
+from mtl_jax import new_task, predict, train, workdir as workdir_lib
 from tests.helpers import tiny_config
 from tests.trained_run import tiny_run
 
@@ -165,12 +165,12 @@ def test_bad_new_catalogues_and_workdirs_are_refused(old_run, tmp_path):
                             image_dim=16)
   with pytest.raises(cat.CatalogueError, match=r"field 'image_dim': 16.*32-wide"):
     new_task.add_task(old_run["workdir"], tmp_path / "b", narrow, steps=1)
-  with pytest.raises(ValueError, match="is the old run's workdir"):
+  with pytest.raises(workdir_lib.RunDirError, match="is the old run.s workdir"):
     new_task.add_task(old_run["workdir"], old_run["workdir"], old_run["mirror"], steps=1)
 
 
 def test_a_workdir_that_already_holds_a_checkpoint_is_refused(old_run, grown):
-  with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+  with pytest.raises(workdir_lib.RunDirError, match="already holds a checkpoint"):
     new_task.add_task(old_run["workdir"], grown["workdir"], old_run["mirror"], steps=1)
 
 

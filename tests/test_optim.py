@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from mtl_jax import optim
 from tests.helpers import tiny_config
@@ -56,3 +57,124 @@ def test_present_rows_follow_adamw_with_their_own_step_count():
       reference = optax.apply_updates(reference, updates)
   for k in params:
     np.testing.assert_allclose(params[k][1], reference[k], rtol=1e-5, atol=1e-6)
+
+
+# --- Weight decay by parameter role (issue 13) ---------------------------------------------
+# Every parameter leaf of the real model, with whether AdamW decays it. `nn.scan` gives the
+# encoder's layer parameters a leading layers axis and the task rows a leading task/slot axis,
+# so biases and LayerNorm parameters have rank >= 2 there: rank must not decide.
+EXPECTED_DECAY = {
+    "encoder/word_embeddings/embedding": True,
+    "encoder/position_embeddings/embedding": True,
+    "encoder/token_type_embeddings/embedding": True,
+    "encoder/image_slot_embeddings/embedding": True,
+    "encoder/image_projection/kernel": True,
+    "encoder/image_projection/bias": False,
+    "encoder/embeddings_norm/scale": False,
+    "encoder/embeddings_norm/bias": False,
+    "encoder/layers/query/kernel": True,
+    "encoder/layers/query/bias": False,
+    "encoder/layers/key/kernel": True,
+    "encoder/layers/key/bias": False,
+    "encoder/layers/value/kernel": True,
+    "encoder/layers/value/bias": False,
+    "encoder/layers/out/kernel": True,
+    "encoder/layers/out/bias": False,
+    "encoder/layers/attention_norm/scale": False,
+    "encoder/layers/attention_norm/bias": False,
+    "encoder/layers/mlp_in/kernel": True,
+    "encoder/layers/mlp_in/bias": False,
+    "encoder/layers/mlp_out/kernel": True,
+    "encoder/layers/mlp_out/bias": False,
+    "encoder/layers/output_norm/scale": False,
+    "encoder/layers/output_norm/bias": False,
+    "encoder/pooler/kernel": True,
+    "encoder/pooler/bias": False,
+    "tasks/heads/kernel": True,
+    "tasks/heads/bias": False,
+    "tasks/adapters/down": True,
+    "tasks/adapters/down_bias": False,
+    "tasks/adapters/up": True,
+    "tasks/adapters/up_bias": False,
+}
+LR, WD = 0.1, 0.1
+DECAY_CFG = tiny_config(**{"optimizer.weight_decay": WD})
+
+
+def model_params(num_layers=2, seed=0):
+  """{"encoder": real Encoder params, "tasks": real task params}, every leaf filled with
+  nonzero random values (zero-initialised biases would hide a decay)."""
+  import flax.linen as nn
+  from mtl_jax import task_layers, state
+  from mtl_jax.model import Encoder, ModelSpec
+  model = DECAY_CFG.model
+  spec = ModelSpec(vocab_size=50, max_positions=8, image_dim=4, max_images=2,
+                   hidden_size=model.hidden_size, num_layers=num_layers,
+                   num_heads=model.num_heads, mlp_size=model.mlp_size)
+  encoder = nn.meta.unbox(Encoder(spec).init(jax.random.key(seed), state.dummy_batch(spec))
+                          ["params"])
+  tasks = task_layers.init_task_params(jax.random.key(seed + 1), 6, 3, spec.hidden_size,
+                                       model.max_classes, model.adapter_size, 2)
+  params = {"encoder": encoder, "tasks": tasks}
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [jnp.asarray(rng.normal(size=x.shape) + 0.5, jnp.float32)
+                                      for x in leaves])
+
+
+def path_name(path):
+  return "/".join(str(k.key) for k in path)
+
+
+def test_decay_rule_covers_every_parameter_leaf_by_name():
+  params = model_params()
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = {path_name(path) for path, _ in leaves}
+  assert names == set(EXPECTED_DECAY), names ^ set(EXPECTED_DECAY)
+  # The scanned layer parameters carry the layers axis: rank >= 2 even for biases/LayerNorm.
+  assert params["encoder"]["layers"]["attention_norm"]["scale"].ndim == 2
+  assert params["tasks"]["adapters"]["down_bias"].ndim == 3
+  got = {path_name(path): optim.decays(path) for path, _ in leaves}
+  assert got == EXPECTED_DECAY
+  # The rule looks at the leaf's own name, wherever the tree is rooted.
+  for path, _ in leaves:
+    assert optim.decays(path[-1:]) == EXPECTED_DECAY[path_name(path)]
+
+
+def test_unknown_leaf_name_is_not_silently_decayed():
+  with pytest.raises(ValueError, match="mystery"):
+    optim.decays((jax.tree_util.DictKey("mystery"),))
+
+
+def test_encoder_update_decays_matrices_and_embeddings_only():
+  encoder = model_params()["encoder"]
+  tx = optim.encoder_optimizer(DECAY_CFG, LR)
+  zeros = jax.tree.map(jnp.zeros_like, encoder)
+  updates, _ = tx.update(zeros, tx.init(encoder), encoder)
+  new = optax.apply_updates(encoder, updates)
+  for path, before in jax.tree_util.tree_flatten_with_path(encoder)[0]:
+    name = "encoder/" + path_name(path)
+    after = new
+    for k in path:
+      after = after[k.key]
+    if EXPECTED_DECAY[name]:
+      np.testing.assert_allclose(after, before * (1 - LR * WD), rtol=1e-6, err_msg=name)
+    else:
+      np.testing.assert_array_equal(after, before, err_msg=name)
+
+
+def test_row_update_decays_adapter_and_head_matrices_only():
+  tasks = model_params()["tasks"]
+  for kind, decayed, kept in (("adapters", ("down", "up"), ("down_bias", "up_bias")),
+                              ("heads", ("kernel",), ("bias",))):
+    params = tasks[kind]
+    rows = jnp.array([1, 2, params["down" if kind == "adapters" else "kernel"].shape[0]])
+    grads = jax.tree.map(jnp.zeros_like, optim.gather_rows(params, rows))
+    new, _ = optim.row_adam_update(params, optim.row_adam_init(params), rows, grads, LR,
+                                   DECAY_CFG)
+    for k in decayed:
+      np.testing.assert_allclose(new[k][1:3], params[k][1:3] * (1 - LR * WD), rtol=1e-6,
+                                 err_msg=k)
+      np.testing.assert_array_equal(new[k][0], params[k][0], err_msg=k)  # Absent row.
+    for k in kept:
+      np.testing.assert_array_equal(new[k], params[k], err_msg=k)

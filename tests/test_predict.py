@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mtl_jax import catalogue as cat
-from mtl_jax import checkpointing, input_pipeline, predict, sharding, tfds_builder, train
+from mtl_jax import checkpointing, input_pipeline, predict, sharding, state as state_lib, steps
+from mtl_jax import tfds_builder, workdir as workdir_lib
 from mtl_jax import tokenizer as tokenizer_lib
 from tests.helpers import tiny_config
 from tests.trained_run import copy_run, tiny_run
@@ -32,16 +33,16 @@ def saved_run(tmp_path_factory):
   catalogue = tfds_builder.load_catalogue(str(workdir / "catalogue"), str(workdir / "prepared"))
   table = catalogue.task_table
   tokenizer = tokenizer_lib.load_tokenizer(workdir / "tokenizer")
-  trainer = train.Trainer(config, train.model_spec(config, table, len(tokenizer)),
-                          train.trained_num_classes(table.num_classes, 0),
+  model = state_lib.Model(config, state_lib.model_spec(config, table, len(tokenizer)),
+                          state_lib.trained_num_classes(table.num_classes, 0),
                           sharding.make_mesh(config.mesh))
-  mngr = checkpointing.manager(str(workdir), config.max_to_keep)
+  mngr = workdir_lib.checkpoint_manager(workdir)
   step, state, _ = checkpointing.restore_latest(
-      mngr, lambda meta: trainer.abstract_state(meta["num_adapter_slots"]))
+      mngr, lambda meta: model.abstract_state(meta["num_adapter_slots"]))
   mngr.close()
   first = next(input_pipeline.eval_batches(catalogue, "test", tokenizer, config))
-  reference = np.asarray(jax.jit(trainer.predict_probs)(
-      state.params, state.adapter_map, state.num_classes,
+  reference = np.asarray(steps.predict_step(
+      model, state.params, state.adapter_map, state.num_classes,
       {k: v for k, v in first.items() if k != "label"}))
   test = catalogue.sources["test"]
   records = [_as_input(test[i], table) for i in range(len(test))]
@@ -132,8 +133,8 @@ def test_an_earlier_step_and_a_missing_step(saved_run):
   earlier = predict.Predictor.from_workdir(saved_run["workdir"], step=3)
   assert earlier.step == 3
   earlier.close()
-  with pytest.raises(predict.RunError, match=r"no checkpoint at step 5.*\[3, 6\]"):
-    predict.open_run(saved_run["workdir"], step=5)
+  with pytest.raises(workdir_lib.RunDirError, match=r"no checkpoint at step 5.*\[3, 6\]"):
+    workdir_lib.open_run(saved_run["workdir"], step=5)
 
 
 def test_cli_writes_one_line_per_product(saved_run, tmp_path, capsys):
@@ -172,7 +173,8 @@ def _bad(record, **changes):
     ({"images": [[0.5] * 31]}, "images[0]", "31 numbers, but the model's image embeddings have "
                                              "image_dim=32"),
     ({"images": [[0.5] * 32, [0.5] * 33]}, "images[1]", "33 numbers"),
-    ({"images": [3, 4]}, "images[0]", "not a list of numbers"),
+    ({"images": [3, 4]}, "images[0]", "is a row index, but no image embeddings file"),
+    ({"images": ["a"]}, "images[0]", "not a list of numbers"),
     ({"images": [[0.0] * 32] * 4}, "images", "4 images, more than the model's max_images=3"),
     ({"images": [[float("nan")] * 32]}, "images[0]", "NaN"),
     ({"title": ""}, "title", "not a non-empty string"),
@@ -203,7 +205,34 @@ def test_a_bad_line_in_a_file_writes_no_output(saved_run, predictor, tmp_path):
 def test_a_missing_tokenizer_is_named(saved_run, tmp_path):
   copy = tmp_path / "run"
   shutil.copytree(saved_run["workdir"] / "checkpoints", copy / "checkpoints")
-  with pytest.raises(predict.RunError, match=r"no tokenizer found.*Fix: copy"):
-    predict.open_run(copy)
-  with pytest.raises(predict.RunError, match="no checkpoints directory"):
-    predict.open_run(tmp_path / "nothing")
+  with pytest.raises(workdir_lib.RunDirError, match=r"no tokenizer found.*Fix: copy"):
+    workdir_lib.open_run(copy)
+  with pytest.raises(workdir_lib.RunDirError, match="no checkpoints directory"):
+    workdir_lib.open_run(tmp_path / "nothing")
+
+
+def test_images_as_row_indices_into_an_embeddings_file(saved_run, predictor, tmp_path):
+  """Catalogue-style records (images as row indices) with --image_embeddings predict exactly
+  what the same records with the vectors inline do."""
+  records = saved_run["records"][:20]
+  vectors = [v for r in records for v in r["images"]]
+  np.save(tmp_path / "emb.npy", np.asarray(vectors, np.float32))
+  indexed, row = [], 0
+  for r in records:
+    indexed.append({**r, "images": list(range(row, row + len(r["images"])))})
+    row += len(r["images"])
+  with_rows = predict.Predictor.from_workdir(saved_run["workdir"], batch_size=16,
+                                             image_embeddings=tmp_path / "emb.npy")
+  try:
+    expected = predictor.probabilities(records)
+    for a, b in zip(with_rows.probabilities(indexed), expected):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(cat.BadRecordError, match=r"field 'images\[0\]'.*row 10000 is outside"):
+      with_rows.probabilities([{**indexed[0], "images": [10000]}])
+  finally:
+    with_rows.close()
+  with pytest.raises(cat.BadRecordError, match=r"is a row index, but no image embeddings file"):
+    predictor.probabilities([{**indexed[0], "images": [0]}])
+  np.save(tmp_path / "wide.npy", np.zeros((3, 5), np.float32))
+  with pytest.raises(cat.CatalogueError, match=r"shape \(3, 5\).*Fix:"):
+    predict.Predictor.from_workdir(saved_run["workdir"], image_embeddings=tmp_path / "wide.npy")

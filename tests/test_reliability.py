@@ -17,7 +17,10 @@ import random
 import re
 import shutil
 import signal
+import socket
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,10 +31,11 @@ import pytest
 from etils import epath
 
 from mtl_jax import catalogue as cat
-from mtl_jax import checkpointing, sharding, synthetic, tfds_builder, train
+from mtl_jax import checkpointing, prepare, sharding, state as state_lib, synthetic, tfds_builder
+from mtl_jax import train, workdir as workdir_lib
 from tests.helpers import tiny_config
 from tests.reliability_helpers import (CompileCounter, MainProcess, ROOT, main_args,
-                                       run_main)
+                                       run_main, subprocess_env)
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+):")
 RESUMED = re.compile(r"Resumed from step (\d+)")
@@ -312,15 +316,15 @@ def copy_workdir(trained_workdir, tmp_path) -> Path:
 
 def restore(workdir, config):
   """What `train_and_evaluate` does before training: (manager, restore_latest's result)."""
-  catalogue, tokenizer = train.prepare_data(config, epath.Path(workdir))
+  catalogue, tokenizer = prepare.prepare_data(config, epath.Path(workdir))
   table = catalogue.task_table
-  trainer = train.Trainer(config, train.model_spec(config, table, len(tokenizer)),
-                          train.trained_num_classes(table.num_classes,
-                                                    config.eval.holdout_classes),
+  model = state_lib.Model(config, state_lib.model_spec(config, table, len(tokenizer)),
+                          state_lib.trained_num_classes(table.num_classes,
+                                                        config.eval.holdout_classes),
                           sharding.make_mesh(config.mesh))
-  mngr = checkpointing.manager(str(workdir), config.max_to_keep)
+  mngr = workdir_lib.checkpoint_manager(epath.Path(workdir), config.max_to_keep, create=True)
   restored = checkpointing.restore_latest(
-      mngr, lambda meta: trainer.abstract_state(meta["num_adapter_slots"]))
+      mngr, lambda meta: model.abstract_state(meta["num_adapter_slots"]))
   return mngr, restored
 
 
@@ -559,7 +563,7 @@ def test_nonfinite_skip_leaves_the_state_as_it_was_and_the_run_continues(catalog
                                                                          monkeypatch):
   poisoned_step = 3  # The batch of the 3rd update (state.step 2 -> 3).
   batches_seen = []
-  original = train.Trainer.global_batch
+  original = state_lib.Model.global_batch
 
   def global_batch(self, local):
     if "example_mask" not in local:  # A train batch (evaluation batches carry a mask).
@@ -569,7 +573,7 @@ def test_nonfinite_skip_leaves_the_state_as_it_was_and_the_run_continues(catalog
                      image_mask=np.ones_like(local["image_mask"]))
     return original(self, local)
 
-  monkeypatch.setattr(train.Trainer, "global_batch", global_batch)
+  monkeypatch.setattr(state_lib.Model, "global_batch", global_batch)
   workdir = tmp_path / "run"
   config = run_config(catalogue_dir, total_steps=4, checkpoint_every=1, max_to_keep=10,
                       log_every=1, **{"optimizer.nonfinite": "skip"})
@@ -660,3 +664,246 @@ def test_a_read_only_catalogue_trains_and_is_not_written(readonly_run):
   assert readonly_run["summary"]["tasks_evaluated"] == 6
   assert (readonly_run["workdir"] / "reports" / "test.json").exists()
   assert readonly_run["after"] == readonly_run["before"]
+
+
+# --- 8. The run directory: one writer, the same run on resume, every restore verified -----------
+
+def _dead_pid() -> int:
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+def _write_lock(workdir: Path, pid: int, host: str):
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / workdir_lib.LOCK).write_text(json.dumps(
+      {"pid": pid, "host": host, "started": time.time(), "command": "python -m mtl_jax.main x"}))
+
+
+def test_a_second_writer_is_refused_naming_the_running_process(catalogue_dir, tmp_path):
+  workdir = tmp_path / "run"
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    _write_lock(workdir, holder.pid, socket.gethostname())
+    with pytest.raises(workdir_lib.RunDirError) as error:
+      train.train_and_evaluate(run_config(catalogue_dir), str(workdir))
+  finally:
+    holder.kill()
+    holder.wait()
+  message = str(error.value)
+  assert f"is in use by process {holder.pid} on host {socket.gethostname()}" in message
+  assert "Fix: wait for that run to end, use another --workdir" in message
+  assert sorted(p.name for p in workdir.iterdir()) == [workdir_lib.LOCK]  # Nothing written.
+
+
+def test_a_lock_held_on_another_host_is_refused(catalogue_dir, tmp_path):
+  workdir = tmp_path / "run"
+  _write_lock(workdir, 1, "another-host")
+  with pytest.raises(workdir_lib.RunDirError, match="process 1 on host another-host"):
+    train.train_and_evaluate(run_config(catalogue_dir), str(workdir))
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(catalogue_dir, tmp_path,
+                                                                    capsys):
+  workdir = tmp_path / "run"
+  pid = _dead_pid()
+  _write_lock(workdir, pid, socket.gethostname())
+  train.train_and_evaluate(run_config(catalogue_dir, total_steps=2), str(workdir))
+  assert f"removed the stale lock of process {pid}" in capsys.readouterr().out
+  assert not (workdir / workdir_lib.LOCK).exists()  # Released at the end.
+  assert committed_steps(workdir) == [2]
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_one_trains_the_other_is_refused(catalogue_dir, tmp_path):
+  workdir = tmp_path / "run"
+  args = main_args(workdir, catalogue_dir, total_steps=400, log_every=1)
+  with MainProcess(args, tmp_path / "first.err") as first:
+    first.wait_for(lambda line: step_of(line) is not None)
+    second = run_main(args, tmp_path / "second.err", timeout=300)
+    assert second.proc.returncode == 1, second.describe()
+    err = second.stderr().strip().splitlines()
+    assert err[-1].startswith(f"error: {workdir} is in use by process {first.proc.pid}"), err
+    assert "Traceback" not in second.stderr()
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0, first.describe()
+  assert not (workdir / "checkpoints" / checkpointing.CORRUPT_DIR).exists()
+
+
+def _catalogue_variant(catalogue_dir, out: Path, change) -> Path:
+  shutil.copytree(catalogue_dir, out)
+  table = json.loads((out / cat.TASKS_FILE).read_text())
+  change(table["tasks"])
+  (out / cat.TASKS_FILE).write_text(json.dumps(table))
+  return out
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda tasks: tasks.__setitem__(slice(0, 2), tasks[1::-1]), "task order changed"),
+    (lambda tasks: tasks[2]["classes"].reverse(), "classes of task 'site0002' changed"),
+])
+def test_resume_with_a_changed_catalogue_is_refused(catalogue_dir, trained_workdir, tmp_path,
+                                                    change, expected):
+  workdir = copy_workdir(trained_workdir, tmp_path)
+  before = file_digests(workdir / "checkpoints")
+  changed = _catalogue_variant(catalogue_dir, tmp_path / "changed", change)
+  with pytest.raises(workdir_lib.RunDirError) as error:
+    train.train_and_evaluate(run_config(changed, checkpoint_every=3, total_steps=9),
+                             str(workdir))
+  message = str(error.value)
+  assert f"{workdir / 'checkpoints' / '6'} was saved by a different run" in message
+  assert expected in message and "Fix: run the command that made this run" in message
+  assert file_digests(workdir / "checkpoints") == before  # Nothing moved aside or rewritten.
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("optimizer.learning_rate", 0.5, "config.optimizer.learning_rate: 0.001 (saved) -> 0.5 (now)"),
+    ("seed", 7, "config.seed: 0 (saved) -> 7 (now)"),
+    ("model.hidden_size", 48, "config.model.hidden_size: 32 (saved) -> 48 (now)"),
+])
+def test_resume_with_a_changed_config_is_refused_with_a_diff(catalogue_dir, trained_workdir,
+                                                             tmp_path, field, value, shown):
+  workdir = copy_workdir(trained_workdir, tmp_path)
+  before = file_digests(workdir / "checkpoints")
+  config = run_config(catalogue_dir, checkpoint_every=3, **{field: value})
+  with pytest.raises(workdir_lib.RunDirError) as error:
+    train.train_and_evaluate(config, str(workdir))
+  assert shown in str(error.value)
+  assert file_digests(workdir / "checkpoints") == before
+
+
+def test_resume_allows_more_steps_and_another_cadence(catalogue_dir, trained_workdir, tmp_path,
+                                                      capsys):
+  workdir = copy_workdir(trained_workdir, tmp_path)
+  capsys.readouterr()
+  train.train_and_evaluate(run_config(catalogue_dir, checkpoint_every=4, total_steps=8,
+                                      eval_every=8, log_every=1), str(workdir))
+  assert "Resumed from step 6" in capsys.readouterr().out
+  assert committed_steps(workdir)[-1] == 8
+
+
+@pytest.mark.parametrize("name", ["/some/dir", "../x", "a/b", ".", "..", "", "x\0y", "~root",
+                                  "C:\\win", "naïve café"])
+def test_hostile_task_names_map_to_directories_inside_the_workdir(name, tmp_path):
+  directory = workdir_lib.task_dir_name(name)
+  assert directory and "/" not in directory and "\0" not in directory
+  assert directory not in (".", "..")
+  path = workdir_lib.inside(tmp_path, tmp_path / "tasks" / directory)
+  assert os.path.commonpath([str(tmp_path), str(path)]) == str(tmp_path)
+  assert workdir_lib.task_dir_name(name) == directory  # Stable.
+  assert workdir_lib.task_dir_name(name + "!") != directory  # Distinct names stay distinct.
+  with pytest.raises(workdir_lib.RunDirError, match="not inside the workdir"):
+    workdir_lib.inside(tmp_path, tmp_path / ".." / "elsewhere")
+
+
+@pytest.fixture
+def damaged_run(trained_workdir, tmp_path):
+  """A copy of the trained run whose newest checkpoint (6) has one flipped byte."""
+  workdir = copy_workdir(trained_workdir, tmp_path)
+  _flip_middle_byte(_array_files(workdir / "checkpoints" / "6")[-1])
+  return workdir
+
+
+def _assert_refused(error, workdir):
+  message = str(error.value)
+  assert f"{workdir / 'checkpoints' / '6'}: the bytes of 1 state arrays differ" in message
+  assert "Fix: use an older checkpoint with --step=3" in message
+
+
+def test_predict_refuses_a_damaged_checkpoint(damaged_run):
+  from mtl_jax import predict
+  with pytest.raises(checkpointing.CheckpointError) as error:
+    predict.Predictor.from_workdir(damaged_run)
+  _assert_refused(error, damaged_run)
+  assert predict.Predictor.from_workdir(damaged_run, step=3).step == 3  # The fix works.
+
+
+def test_dypa_refuses_a_damaged_checkpoint(damaged_run):
+  from mtl_jax import dypa
+  with pytest.raises(checkpointing.CheckpointError) as error:
+    dypa.describe(str(damaged_run))
+  _assert_refused(error, damaged_run)
+
+
+def test_new_task_refuses_a_damaged_checkpoint_and_writes_nothing(damaged_run, catalogue_dir,
+                                                                  tmp_path):
+  from mtl_jax import new_task
+  from mtl_jax import single_task
+  new_site = tmp_path / "new_site"
+  single_task.write_subset_catalogue(catalogue_dir, new_site, ["site0001"])
+  table = json.loads((new_site / cat.TASKS_FILE).read_text())
+  table["tasks"][0]["name"] = "brand-new-site"
+  (new_site / cat.TASKS_FILE).write_text(json.dumps(table))
+  for split in ("train", "validation", "test"):
+    path = new_site / f"{split}.jsonl"
+    lines = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    path.unlink()  # It may be a link into the source catalogue.
+    path.write_text("".join(json.dumps({**r, "task": "brand-new-site"}) + "\n" for r in lines))
+  grown = tmp_path / "grown"
+  with pytest.raises(checkpointing.CheckpointError) as error:
+    new_task.add_task(damaged_run, grown, new_site, steps=2)
+  _assert_refused(error, damaged_run)
+  assert not (grown / "checkpoints").exists()
+
+
+# --- 9. What a user meets first: clear one-line errors, early checks ------------------------------
+
+def test_a_workdir_that_is_a_file_is_refused_at_the_start(catalogue_dir, tmp_path):
+  path = tmp_path / "file"
+  path.write_text("not a directory")
+  with CompileCounter() as compiles, pytest.raises(workdir_lib.RunDirError,
+                                                   match=r"is a file, not a directory"):
+    train.train_and_evaluate(run_config(catalogue_dir), str(path))
+  with pytest.raises(workdir_lib.RunDirError, match=r"cannot be written .*Fix: choose a "):
+    train.train_and_evaluate(run_config(catalogue_dir), str(path / "below"))
+  assert compiles.events == []
+
+
+def test_skipped_records_and_an_empty_validation_split_are_said_on_the_console(
+    catalogue_dir, tmp_path, capsys):
+  bad_catalogue(catalogue_dir, tmp_path / "catalogue")
+  (tmp_path / "catalogue" / "validation.jsonl").write_text("")
+  config = run_config(tmp_path / "catalogue", total_steps=2, **{"data.on_bad_record": "skip"})
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  out = capsys.readouterr().out
+  assert ("Skipped bad records (data.on_bad_record=skip): train 4, validation 0, test 3"
+          in out)
+  assert "WARNING: the validation split is empty" in out
+  page = (tmp_path / "run" / "reports" / "report.html").read_text()
+  assert "skipped" in page.lower()
+
+
+def _run_cli(args, cwd=ROOT, timeout=300):
+  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
+                        timeout=timeout, env=subprocess_env())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,expected", [
+    (["mtl_jax.main", "--config=configs/demo.py:tiny", "--config.optimizer.learning_rate=-1",
+      "--workdir={tmp}/run"], "error: config.optimizer.learning_rate: "),
+    (["mtl_jax.predict", "--workdir={tmp}/nothing", "--input=x.jsonl", "--output=y.jsonl"],
+     "error: {tmp}/nothing: no checkpoints directory."),
+    (["mtl_jax.dypa", "--workdir={tmp}/nothing"], "error: {tmp}/nothing: no checkpoints"),
+    (["mtl_jax.main", "--config=configs/demo.py:tiny", "--workdir={tmp}/file"],
+     "error: --workdir={tmp}/file is a file, not a directory."),
+])
+def test_user_errors_are_one_line_without_a_traceback(args, expected, tmp_path):
+  (tmp_path / "file").write_text("")
+  proc = _run_cli([a.format(tmp=tmp_path) for a in args])
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1 and lines[0].startswith(expected.format(tmp=tmp_path)), proc.stderr
+  assert "Fix:" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_first_seconds_exits_0_with_a_message(catalogue_dir, tmp_path):
+  args = main_args(tmp_path / "run", catalogue_dir, total_steps=400)
+  with MainProcess(args, tmp_path / "err") as run:
+    time.sleep(1.5)  # Still importing or preparing: before any step.
+    run.signal(signal.SIGTERM)
+    code = run.wait()
+  assert code == 0, run.describe()
+  assert re.search(r"Preempted (before step 1: nothing new to save|: checkpoint written)",
+                   run.stdout), run.describe()

@@ -1,56 +1,12 @@
-"""Tests of the evaluation metrics against brute-force references and hand-checked cases."""
+"""mtl_jax.evaluation.metrics against brute-force references and hand-checked cases."""
+import json
+
 import numpy as np
 import pytest
 
-from mtl_jax import metrics
-
-
-# Brute-force references: the definitions, written as directly as possible.
-
-
-def reference_auroc(scores, is_positive):
-  """Mean over all (positive, negative) pairs of 1 if the positive scores higher, 1/2 if tied."""
-  positives = [s for s, p in zip(scores, is_positive) if p]
-  negatives = [s for s, p in zip(scores, is_positive) if not p]
-  wins = 0.0
-  for sp in positives:
-    for sn in negatives:
-      wins += 1.0 if sp > sn else 0.5 if sp == sn else 0.0
-  return wins / (len(positives) * len(negatives))
-
-
-def reference_average_precision(scores, is_positive):
-  """sum_n (R_n - R_{n-1}) P_n, one threshold per distinct score, predicted positive if >=."""
-  ap, previous_recall = 0.0, 0.0
-  for threshold in sorted(set(scores), reverse=True):
-    predicted = [s >= threshold for s in scores]
-    tp = sum(1 for p, y in zip(predicted, is_positive) if p and y)
-    recall = tp / sum(is_positive)
-    ap += (recall - previous_recall) * tp / sum(predicted)
-    previous_recall = recall
-  return ap
-
-
-def reference_ece(confidences, correct, num_bins):
-  edges = np.linspace(0.0, 1.0, num_bins + 1)
-  ece = 0.0
-  for b in range(num_bins):
-    in_bin = [i for i, c in enumerate(confidences)
-              if (edges[b] < c <= edges[b + 1]) or (b == 0 and c == 0.0)]
-    if in_bin:
-      accuracy = np.mean([correct[i] for i in in_bin])
-      confidence = np.mean([confidences[i] for i in in_bin])
-      ece += len(in_bin) / len(confidences) * abs(accuracy - confidence)
-  return ece
-
-
-def reference_topk(scores, labels, k, class_mask):
-  hits = 0
-  for row, label, row_mask in zip(scores, labels, class_mask):
-    # Highest score first, ties to the lower class index.
-    ranked = sorted((c for c in range(len(row)) if row_mask[c]), key=lambda c: (-row[c], c))
-    hits += label in ranked[:k]
-  return hits / len(labels)
+from mtl_jax.evaluation import metrics
+from tests.evaluation_references import (reference_auroc, reference_average_precision,
+                                         reference_ece, reference_topk)
 
 
 def random_scores(np_rng, shape, with_ties):
@@ -80,6 +36,7 @@ def test_binary_auroc_hand_checked():
   assert metrics.binary_auroc([0.1, 0.6, 0.6, 0.9], [0, 0, 1, 1]) == pytest.approx(0.875)
   assert np.isnan(metrics.binary_auroc([0.1, 0.2], [True, True]))
   assert np.isnan(metrics.binary_auroc([0.1, 0.2], [False, False]))
+  assert np.isnan(metrics.binary_auroc([], [])) and np.isnan(metrics.average_precision([], []))
 
 
 @pytest.mark.parametrize("with_ties", [False, True])
@@ -194,3 +151,118 @@ def test_unseen_class_detection():
   np.testing.assert_allclose(result["auroc"], reference_auroc(scores, is_unseen), rtol=1e-12)
   np.testing.assert_allclose(result["aupr"], reference_average_precision(scores, is_unseen),
                              rtol=1e-12)
+
+
+def test_per_task_macro_auroc_leaves_out_unseen_labels():
+  np_rng = np.random.default_rng(7)
+  task_ids = np_rng.integers(0, 2, 60)
+  num_classes = np.array([3, 4])
+  labels = np_rng.integers(0, num_classes[task_ids] + 1)  # One extra (unseen) class per task.
+  probs = np_rng.random((60, 5))
+  result = metrics.per_task_macro_auroc(probs, labels, task_ids, num_classes)
+  for t in range(2):
+    seen = (task_ids == t) & (labels < num_classes[t])
+    assert result[t] == pytest.approx(
+        metrics.macro_auroc(probs[seen], labels[seen], num_classes[t]), rel=1e-12)
+
+
+@pytest.mark.parametrize("with_ties", [False, True])
+def test_grouped_forms_match_the_references_group_by_group(with_ties):
+  np_rng = np.random.default_rng(8)
+  num_groups = 7
+  groups = np_rng.integers(0, num_groups - 1, 300)  # The last group is empty.
+  scores = random_scores(np_rng, 300, with_ties)
+  is_positive = np_rng.random(300) < 0.3
+  is_positive[groups == 2] = False  # A group without positives.
+  is_positive[groups == 3] = True  # A group without negatives.
+  auroc = metrics.grouped_binary_auroc(scores, is_positive, groups, num_groups)
+  ap = metrics.grouped_average_precision(scores, is_positive, groups, num_groups)
+  assert auroc.shape == ap.shape == (num_groups,)
+  for g in range(num_groups):
+    s, p = list(scores[groups == g]), list(is_positive[groups == g])
+    if any(p) and not all(p):
+      assert auroc[g] == pytest.approx(reference_auroc(s, p), rel=1e-12)
+    else:
+      assert np.isnan(auroc[g])
+    if any(p):
+      assert ap[g] == pytest.approx(reference_average_precision(s, p), rel=1e-12)
+    else:
+      assert np.isnan(ap[g])
+  detection_auroc, detection_aupr = metrics.grouped_unseen_class_detection(
+      1 - scores, is_positive, groups, num_groups)
+  np.testing.assert_allclose(detection_auroc, auroc, rtol=1e-12)
+  np.testing.assert_allclose(detection_aupr, ap, rtol=1e-12)
+
+
+def test_per_task_class_auroc_marks_classes_without_both_sides():
+  probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0]])
+  labels = np.array([0, 1, 0])
+  per_class = metrics.per_task_class_auroc(probs, labels, np.zeros(3, int), np.array([3]))
+  assert per_class[0, 0] == 1.0 and per_class[0, 1] == 1.0
+  assert np.isnan(per_class[0, 2])  # No positive.
+  assert metrics.task_macro_auroc(probs, labels, np.zeros(3, int), np.array([3]))[0] == 1.0
+
+
+def test_label_rank_breaks_ties_to_the_lower_index():
+  scores = np.array([[1.0, 2.0, 2.0, 0.0], [1.0, 1.0, 1.0, -np.inf]])
+  assert metrics.label_rank(scores, np.array([2, 0])).tolist() == [1, 0]
+  assert metrics.label_rank(scores, np.array([1, 2])).tolist() == [0, 2]
+
+
+# --- Reliability bins (the format of reports/calibration.json) ----------------------------------
+
+def test_calibration_bins_by_hand():
+  # Two bins, (0, 0.5] and (0.5, 1]; a confidence of exactly 0 goes to the first.
+  calibration = metrics.calibration_bins([0.0, 0.4, 0.5, 0.9, 1.0], [0, 1, 1, 1, 0], num_bins=2)
+  low, high = calibration["bins"]
+  assert (low["lower"], low["upper"], high["lower"], high["upper"]) == (0.0, 0.5, 0.5, 1.0)
+  assert low["count"] == 3 and high["count"] == 2
+  assert low["confidence"] == pytest.approx(0.3) and low["accuracy"] == pytest.approx(2 / 3)
+  assert high["confidence"] == pytest.approx(0.95) and high["accuracy"] == pytest.approx(0.5)
+  expected_ece = 3 / 5 * abs(2 / 3 - 0.3) + 2 / 5 * abs(0.5 - 0.95)
+  assert calibration["ece"] == pytest.approx(expected_ece)
+  assert calibration["num_examples"] == 5 and calibration["num_bins"] == 2
+
+
+def test_calibration_bins_agree_with_the_metric_and_mark_empty_bins():
+  rng = np.random.default_rng(0)
+  confidence = rng.beta(5, 2, 500)
+  correct = rng.random(500) < confidence
+  calibration = metrics.calibration_bins(confidence, correct, num_bins=15)
+  bins = calibration["bins"]
+  assert len(bins) == 15 and sum(b["count"] for b in bins) == 500
+  assert calibration["ece"] == pytest.approx(
+      metrics.expected_calibration_error(confidence, correct, 15))
+  assert calibration["ece"] == pytest.approx(reference_ece(confidence, correct, 15))
+  from_bins = sum(b["count"] / 500 * abs(b["accuracy"] - b["confidence"]) for b in bins
+                  if b["count"])
+  assert calibration["ece"] == pytest.approx(from_bins)
+  empty = [b for b in bins if not b["count"]]
+  assert empty and all(b["confidence"] is None and b["accuracy"] is None for b in empty)
+  json.dumps(calibration, allow_nan=False)  # The file format: plain JSON, no NaN.
+  # The same dict from sums (as a device-side accumulation gives them).
+  counts, confidence_sums, correct_sums = metrics.calibration_sums(confidence, correct, 15)
+  assert metrics.calibration_from_sums(counts[0], confidence_sums[0], correct_sums[0]) == (
+      calibration)
+  assert metrics.calibration_bins([], [])["ece"] is None
+
+
+def test_calibration_bins_reject_logits_and_mismatched_lengths():
+  with pytest.raises(ValueError, match="logits"):
+    metrics.calibration_bins([2.5, 0.1], [1, 0])
+  with pytest.raises(ValueError, match="one of each"):
+    metrics.calibration_bins([0.5, 0.1], [1])
+
+
+def test_grouped_calibration_sums_are_per_group_bins():
+  rng = np.random.default_rng(9)
+  confidence, groups = rng.random(200), rng.integers(0, 3, 200)
+  correct = rng.random(200) < confidence
+  counts, confidence_sums, correct_sums = metrics.calibration_sums(confidence, correct, 10,
+                                                                   groups, 4)
+  assert counts.shape == (4, 10) and counts[3].sum() == 0
+  ece = metrics.ece_from_sums(counts, confidence_sums, correct_sums)
+  for g in range(3):
+    assert ece[g] == pytest.approx(reference_ece(confidence[groups == g], correct[groups == g],
+                                                 10))
+  assert np.isnan(ece[3])

@@ -1,21 +1,22 @@
 """A run's report as one self-contained HTML page: `<workdir>/reports/report.html`.
 
-It reads only what a run leaves in its workdir:
+The page reads only the evaluation files a run leaves in `<workdir>/reports/`, and what the
+caller passes in; it opens no checkpoint:
 
-- `reports/test.json` and `reports/validation.json` (written by `evaluation.write_report`): the
-  summary and one row per task. The test split is the headline; where it is missing, validation.
-- the DyPa events in the latest checkpoint's metadata (`meta["dypa_events"]`, see dypa.py); a
-  workdir without checkpoints simply has no DyPa section content.
-- `reports/calibration.json`, if present: a reliability diagram, in the format that
-  `calibration_bins` returns and `write_calibration` writes:
+- `test.json` and `validation.json` (`report.write_report`): the summary and one row per task.
+  The test split is the headline; where it is missing, validation.
+- `calibration.json`, if present (`report.write_calibration`): a reliability diagram,
 
     {"split": "test", "num_examples": N, "num_bins": M, "ece": 0.041,
      "bins": [{"lower": 0.0, "upper": 0.0667, "confidence": 0.05, "accuracy": 0.02,
                "count": 12}, ...]}
 
-  Bins are the equal-width bins of `metrics.expected_calibration_error`, (i/M, (i+1)/M] with a
-  confidence of exactly 0 in the first; `confidence` and `accuracy` are the bin's means (null for
-  an empty bin), so `ece` = sum over bins of count / N * |accuracy - confidence|.
+  (`metrics.calibration_from_sums`: equal-width bins (i/M, (i+1)/M], a confidence of exactly 0
+  in the first; a bin's `confidence` and `accuracy` are its means, null when empty).
+- `dypa_events` (the checkpoint's `meta["dypa_events"]`, see dypa.py) and `config` (the run's
+  config as a dict), passed by the caller: the train loop passes its own; the command line and
+  `read_dypa_events` take them from `mtl_jax.workdir.latest_meta`. Without events the DyPa
+  section says so.
 
 Plots are PNGs drawn on matplotlib's Agg canvas (`matplotlib.figure.Figure`, never pyplot, so
 that a notebook's backend is left alone) and embedded as base64 data URIs; the CSS and the small
@@ -23,93 +24,25 @@ script that sorts the per-task table are inline. The page needs no network and n
 The `plot_*` functions draw on a given matplotlib `Axes`, so notebooks reuse them. In a
 multi-host run only process 0 writes reports, so only it should call `write_html_report`.
 
-  python -m mtl_jax.report_html --workdir=runs/demo   # writes runs/demo/reports/report.html
+  python -m mtl_jax.evaluation.html --workdir=runs/demo   # writes runs/demo/reports/report.html
 """
 import base64
 import datetime
-import html
 import io
 import json
 import math
+from html import escape
 
 import numpy as np
 from etils import epath
 
-from mtl_jax import metrics
+from mtl_jax.evaluation.report import CALIBRATION_FILE, flatten
 
 REPORT_FILE = "report.html"
-CALIBRATION_FILE = "calibration.json"
 # Where rows are many, the top/bottom table shows at most this many tasks at each end.
 TOP_BOTTOM_ROWS = 10
 
 _BLUE, _ORANGE, _GREY, _RED = "#2b6cb0", "#dd6b20", "#a0aec0", "#c53030"
-
-
-# --- Calibration ---------------------------------------------------------------------------------
-
-def calibration_bins(probs_max, correct, num_bins: int = 15) -> dict:
-  """Reliability-diagram bins of max-softmax confidence against accuracy.
-
-  Args:
-    probs_max: [N] the probability of each example's predicted class, in [0, 1].
-    correct: [N] bool, whether the prediction was right.
-    num_bins: M equal-width bins over [0, 1].
-
-  Returns:
-    {"num_examples", "num_bins", "ece", "bins": [{"lower", "upper", "confidence", "accuracy",
-    "count"}]}, the format of `reports/calibration.json` (see the module docstring); `ece` is
-    `metrics.expected_calibration_error` of the same inputs.
-  """
-  confidences = np.asarray(probs_max, np.float64).reshape(-1)
-  correct = np.asarray(correct, np.float64).reshape(-1)
-  if confidences.shape != correct.shape:
-    raise ValueError(f"calibration_bins: probs_max has {confidences.size} values but correct "
-                     f"has {correct.size}; pass one of each per example.")
-  if num_bins < 1:
-    raise ValueError(f"calibration_bins: num_bins={num_bins}; use a positive bin count.")
-  if confidences.size and (confidences.min() < 0 or confidences.max() > 1):
-    raise ValueError("calibration_bins: probs_max holds values outside [0, 1]; pass "
-                     "probabilities (softmax outputs), not logits.")
-  edges = np.linspace(0.0, 1.0, num_bins + 1)
-  # The binning of metrics.expected_calibration_error: right-closed bins, 0 in the first.
-  index = np.searchsorted(edges[1:-1], confidences, side="left")
-  calibration = calibration_from_sums(
-      np.bincount(index, minlength=num_bins),
-      np.bincount(index, weights=confidences, minlength=num_bins),
-      np.bincount(index, weights=correct, minlength=num_bins))
-  ece = metrics.expected_calibration_error(confidences, correct, num_bins)
-  calibration["ece"] = None if math.isnan(ece) else ece
-  return calibration
-
-
-def calibration_from_sums(counts, confidence_sums, correct_sums) -> dict:
-  """The `calibration_bins` dict from per-bin example counts and sums (as the train loop's
-  evaluation accumulates them on device, one pass for accuracy and calibration)."""
-  counts, confidence_sums, correct_sums = (np.asarray(x, np.float64) for x in (
-      counts, confidence_sums, correct_sums))
-  num_bins = len(counts)
-  edges = np.linspace(0.0, 1.0, num_bins + 1)
-  total = counts.sum()
-  bins = []
-  for b in range(num_bins):
-    n = int(counts[b])
-    bins.append({
-        "lower": float(edges[b]), "upper": float(edges[b + 1]),
-        "confidence": float(confidence_sums[b] / n) if n else None,
-        "accuracy": float(correct_sums[b] / n) if n else None,
-        "count": n,
-    })
-  ece = float(np.abs(correct_sums - confidence_sums).sum() / total) if total else None
-  return {"num_examples": int(total), "num_bins": int(num_bins), "ece": ece, "bins": bins}
-
-
-def write_calibration(workdir, calibration: dict, split: str = "test") -> epath.Path:
-  """Writes `calibration` (from `calibration_bins`) to `<workdir>/reports/calibration.json`."""
-  out = epath.Path(workdir) / "reports"
-  out.mkdir(parents=True, exist_ok=True)
-  path = out / CALIBRATION_FILE
-  path.write_text(json.dumps({"split": split, **calibration}, indent=1))
-  return path
 
 
 # --- Reading a workdir ---------------------------------------------------------------------------
@@ -123,42 +56,28 @@ def _read_json(path: epath.Path):
 
 
 def read_dypa_events(workdir) -> tuple[list[dict] | None, dict | None]:
-  """(DyPa events, config dict) from the latest checkpoint's metadata; (None, None) without one.
+  """(DyPa events, config dict) of the latest checkpoint of `workdir`; (None, None) without one.
 
-  Reads only the JSON metadata (orbax `JsonRestore`), never the train state.
+  Reads them through `mtl_jax.workdir.latest_meta` (the one module that opens run directories);
+  for the command line and notebooks. The train loop passes its own events instead.
   """
-  directory = epath.Path(workdir) / "checkpoints"
-  if not directory.exists():
-    return None, None
-  import orbax.checkpoint as ocp  # Local: reading reports alone needs no orbax.
+  from mtl_jax import workdir as workdir_lib  # Local: the page itself never opens checkpoints.
 
-  import jax  # Local, as above.
-  # This process alone: in a multi-process run only process 0 writes the report, and a manager
-  # spanning every process would wait at barriers the others never reach.
-  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
-                                             active_processes={jax.process_index()})
-  mngr = ocp.CheckpointManager(directory, item_names=("state", "meta"),
-                               options=ocp.CheckpointManagerOptions(
-                                   multiprocessing_options=alone, create=False))
-  try:
-    step = mngr.latest_step()
-    if step is None:
-      return None, None
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  finally:
-    mngr.close()
+  meta = workdir_lib.latest_meta(workdir)
+  if meta is None:
+    return None, None
   config = meta.get("config")
   if isinstance(config, str):
     config = json.loads(config)
   return list(meta.get("dypa_events", [])), config
 
 
-def read_run(workdir) -> dict:
-  """Everything the report shows, from a workdir's files.
+def read_run(workdir, dypa_events: list | None = None, config: dict | None = None) -> dict:
+  """Everything the report shows: the workdir's report files, and the events and config given.
 
   Returns:
     {"workdir", "test", "validation", "calibration" (each a parsed JSON file or None),
-     "dypa_events" (list, or None without a checkpoint), "config" (dict or None)}.
+     "dypa_events" (list, or None: unknown), "config" (dict or None)}.
 
   Raises:
     FileNotFoundError: neither reports/test.json nor reports/validation.json exists.
@@ -175,7 +94,8 @@ def read_run(workdir) -> dict:
         f"No {reports / 'test.json'} or {reports / 'validation.json'}: the report is built from "
         "the evaluation files a run writes when it finishes. Train to the end first "
         "(train.train_and_evaluate), or pass the workdir of a finished run.")
-  run["dypa_events"], run["config"] = read_dypa_events(workdir)
+  run["dypa_events"] = None if dypa_events is None else list(dypa_events)
+  run["config"] = config
   return run
 
 
@@ -386,7 +306,7 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
 
 
 def _e(value) -> str:
-  return html.escape(str(value))
+  return escape(str(value))
 
 
 def _num(value, digits: int = 3) -> str:
@@ -470,13 +390,30 @@ def _summary_section(run: dict, split: str, rows: list[dict], summary: dict, ste
   if events is not None:
     cards.append(_card("DyPa adapters", str(len(adapter_tasks)),
                        f"{len(events)} allocation{'s' if len(events) != 1 else ''}"))
-  if run["calibration"] is not None:
-    cards.append(_card("Calibration (ECE)", _num(run["calibration"].get("ece")),
-                       f"{run['calibration'].get('split', '')}, "
-                       f"{run['calibration'].get('num_bins', '')} bins"))
+  if summary.get("mean_macro_auroc") is not None:
+    cards.append(_card("Mean macro AUROC", _num(summary["mean_macro_auroc"]),
+                       "one-vs-rest per trained class, mean over classes, then tasks"))
+  ece, calibration = summary.get("ece"), run["calibration"]
+  if ece is not None or summary.get("mean_ece") is not None:
+    cards.append(_card("Calibration (ECE)", _num(ece),
+                       f"{split}, all examples pooled; mean over tasks "
+                       f"{_num(summary.get('mean_ece'))}"))
+  elif calibration is not None:  # A report written before the summary held the ECE.
+    cards.append(_card("Calibration (ECE)", _num(calibration.get("ece")),
+                       f"{calibration.get('split', '')}, {calibration.get('num_bins', '')} bins"))
+  if "mean_unseen_auroc" in summary:
+    cards.append(_card("Unseen classes: AUROC / AUPR",
+                       f"{_num(summary['mean_unseen_auroc'])} / "
+                       f"{_num(summary.get('mean_unseen_aupr'))}",
+                       "held-out classes vs seen by 1 - max softmax, mean over tasks; pooled "
+                       f"{_num(summary.get('pooled_unseen_auroc'))} / "
+                       f"{_num(summary.get('pooled_unseen_aupr'))}"))
   if summary.get("skipped_records"):
     cards.append(_card("Skipped records", f"{summary['skipped_records']:,}",
-                       "bad catalogue records dropped (data.on_bad_record=skip)"))
+                       f"bad {_e(split)} records dropped (data.on_bad_record=skip)"))
+  if summary.get("skipped_train_records"):
+    cards.append(_card("Skipped training records", f"{summary['skipped_train_records']:,}",
+                       "bad train records dropped (data.on_bad_record=skip)"))
   return ('<section id="summary"><h2>Run summary</h2>'
           f'<div class="cards">{"".join(cards)}</div></section>')
 
@@ -484,11 +421,19 @@ def _summary_section(run: dict, split: str, rows: list[dict], summary: dict, ste
 def _task_cells(r: dict, validation: dict, adapter_step: dict) -> dict:
   """A task's table cells by column name."""
   v = validation.get(r["task"])
+  trained = r.get("trained_classes", r["num_classes"])
+  classes = (str(r["num_classes"]) if trained == r["num_classes"]
+             else f'{trained} <span class="empty">of {r["num_classes"]}</span>')
+  number = lambda key: (_num(r.get(key)), r.get(key))
   return {
-      "task": r["task"], "classes": r["num_classes"], "train": r["train_examples"],
-      "eval": r["eval_examples"], "accuracy": (_num(r["accuracy"]), r["accuracy"]),
-      "vs chance": _lift(r), "top-5": (_num(r["top5_accuracy"]), r["top5_accuracy"]),
-      "chance": (_num(r["chance"]), r["chance"]), "loss": (_num(r["loss"]), r["loss"]),
+      "task": r["task"], "classes": (classes, trained), "train": r["train_examples"],
+      "eval": r["eval_examples"], "accuracy": number("accuracy"),
+      "vs chance": _lift(r), "top-5": number("top5_accuracy"),
+      "chance": number("chance"), "loss": number("loss"),
+      "macro AUROC": number("macro_auroc"), "ECE": number("ece"),
+      "unseen": r.get("unseen_examples", ""), "unseen AUROC": number("unseen_auroc"),
+      "unseen AUPR": number("unseen_aupr"), "skipped": r.get("skipped_records", 0),
+      "skipped train": r.get("skipped_train_records", 0),
       "validation acc.": (_num(v), v),
       "DyPa adapter": (f"step {adapter_step[r['task']]}" if r["task"] in adapter_step else "",
                        adapter_step.get(r["task"])),
@@ -506,6 +451,12 @@ def _tasks_sections(split: str, rows: list[dict], validation: dict, adapter_step
   top, bottom = scored[:k], scored[::-1][:k]
   short_columns = ["task", "classes", "train", "eval", "accuracy", "vs chance"]
   columns = short_columns + ["top-5", "chance", "loss"]
+  columns += [c for c, key in (("macro AUROC", "macro_auroc"), ("ECE", "ece"))
+              if any(key in r for r in rows)]
+  if any("unseen_examples" in r for r in rows):
+    columns += ["unseen", "unseen AUROC", "unseen AUPR"]
+  columns += ["skipped"] if any(r.get("skipped_records") for r in rows) else []
+  columns += ["skipped train"] if any(r.get("skipped_train_records") for r in rows) else []
   columns += ["validation acc."] if validation else []
   columns += ["DyPa adapter"] if adapter_step else []
 
@@ -521,7 +472,8 @@ def _tasks_sections(split: str, rows: list[dict], validation: dict, adapter_step
   ordered = sorted(rows, key=lambda r: -r["train_examples"])
   per_task = (f'<section id="tasks"><h2>Every task ({_e(split)}, {len(rows)} tasks)</h2>'
               '<p class="sub">Largest first; click a column to sort. "vs chance" is accuracy '
-              "minus 1 / classes.</p>"
+              "minus 1 / trained classes. Classes: those trained on (\"of\" the task's "
+              "classes where some are held out of training as unseen).</p>"
               f'<div class="scroll">{table(ordered, columns, sortable=True)}</div></section>')
   return top_bottom + per_task
 
@@ -529,8 +481,8 @@ def _tasks_sections(split: str, rows: list[dict], validation: dict, adapter_step
 def _dypa_section(events: list[dict] | None, rows: list[dict], rows_split: str) -> str:
   head = '<section id="dypa"><h2>DyPa allocations</h2>'
   if events is None:
-    return head + ('<p class="empty">No checkpoint in this workdir: DyPa events unknown.</p>'
-                   "</section>")
+    return head + ('<p class="empty">DyPa events unknown: none were given with the report (no '
+                   "checkpoint in this workdir, or the caller passed none).</p></section>")
   if not events:
     return head + ('<p class="empty">No allocation in this run (config.dypa.at_steps and '
                    "config.dypa.every_evals schedule them).</p></section>")
@@ -581,21 +533,11 @@ def _calibration_section(calibration: dict | None) -> str:
           "</section>")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _config_section(config: dict | None) -> str:
   """The config's main fields, and every field behind a fold."""
   if not config:
     return ""
-  flat = _flatten(config)
+  flat = flatten(config)
   main = ("total_steps", "batch_size", "seed", "model.hidden_size", "model.num_layers",
           "model.max_classes", "model.adapter_size", "model.text_init", "sampling.kind",
           "sampling.alpha_start", "sampling.alpha_end", "augment.kind", "augment.inputs",
@@ -651,13 +593,19 @@ def render_html(run: dict) -> str:
   return "\n".join(parts)
 
 
-def write_html_report(workdir) -> epath.Path:
-  """Builds `<workdir>/reports/report.html` from the run's files and returns its path.
+def write_html_report(workdir, dypa_events: list | None = None,
+                      config: dict | None = None) -> epath.Path:
+  """Builds `<workdir>/reports/report.html` from the run's report files and returns its path.
+
+  Args:
+    workdir: the run's directory (its `reports/*.json` are read).
+    dypa_events: the run's DyPa events (the checkpoint's `meta["dypa_events"]`); None: unknown.
+    config: the run's config as a (nested) dict, shown at the end of the page; None: no section.
 
   Raises:
     FileNotFoundError: the workdir has no evaluation report (see `read_run`).
   """
-  run = read_run(workdir)
+  run = read_run(workdir, dypa_events, config)
   path = epath.Path(workdir) / "reports" / REPORT_FILE
   path.write_text(render_html(run))
   return path
@@ -669,7 +617,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="A finished run's workdir.")
   args = parser.parse_args(argv)
-  print(write_html_report(args.workdir))
+  events, config = read_dypa_events(args.workdir)
+  print(write_html_report(args.workdir, events, config))
 
 
 if __name__ == "__main__":

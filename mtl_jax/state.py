@@ -1,0 +1,246 @@
+"""The train state: what it holds, its shapes and shardings, and the one way it grows.
+
+Shapes first: `Model.abstract_state` is `jax.eval_shape` of `init_state`; shardings come from the
+logical axis names (the encoder's, and `task_layers.PARAM_AXES`) and the config's rules; and
+`Model.create_state` is `jax.jit(init_state, out_shardings=...)`, so parameters are born sharded.
+
+The state grows in two ways, both through `grow`: DyPa gives existing tasks adapter slots of their
+own, and `new_task` appends task rows (and optionally their adapters). Growing appends rows to the
+stacked arrays and to their row-wise optimiser state (zero moments, zero step counts); the new
+adapter slots start as the identity, so no existing output changes at that moment.
+"""
+import dataclasses
+import functools
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from mtl_jax import optim
+from mtl_jax import sharding
+from mtl_jax import task_layers
+from mtl_jax.model import Encoder, ModelSpec
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: the number of updates applied.
+  params: dict  # {"encoder": ..., "tasks": {"heads": ..., "adapters": ...}}
+  opt_state: optax.OptState  # The encoder's AdamW state.
+  task_opt_state: dict  # {"heads": RowAdamState, "adapters": RowAdamState}
+  adapter_map: jax.Array  # [T] int32: task -> adapter slot (0: none).
+  num_classes: jax.Array  # [T] int32: each task's trained class count.
+
+
+def model_spec(config, task_table, vocab_size: int) -> ModelSpec:
+  m = config.model
+  spec = ModelSpec(
+      # Rounded up so that the word table splits evenly over a `model` axis (rules shard
+      # `vocab`); ids past the tokenizer's are never used.
+      vocab_size=-(-vocab_size // 128) * 128, max_positions=config.data.max_text_len,
+      image_dim=task_table.image_dim, max_images=task_table.max_images,
+      hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+      mlp_size=m.mlp_size, dropout=m.dropout, pooling=m.pooling, dtype=m.dtype, remat=m.remat)
+  if m.text_init:
+    # Table sizes follow the checkpoint; the layer sizes stay the config's, and the loader
+    # names any field that disagrees with the checkpoint.
+    from mtl_jax import pretrained  # Local: only runs that load weights need it.
+    overrides = pretrained.spec_overrides(m.text_init)
+    spec = dataclasses.replace(spec, **{k: overrides[k] for k in (
+        "vocab_size", "max_positions", "layer_norm_eps", "type_vocab_size")})
+  return spec
+
+
+def trained_num_classes(num_classes, holdout: int) -> np.ndarray:
+  """Class counts the model trains on: each task's last `holdout` classes held out, where
+  at least 2 classes remain."""
+  num_classes = np.asarray(num_classes, np.int32)
+  return np.where(num_classes - holdout >= 2, num_classes - holdout, num_classes).astype(np.int32)
+
+
+def dummy_batch(spec: ModelSpec, batch_size: int = 1) -> dict:
+  return {
+      "token_ids": jnp.zeros((batch_size, spec.max_positions), jnp.int32),
+      "token_mask": jnp.ones((batch_size, spec.max_positions), jnp.int32),
+      "images": jnp.zeros((batch_size, spec.max_images, spec.image_dim), jnp.float32),
+      "image_mask": jnp.ones((batch_size, spec.max_images), jnp.int32),
+  }
+
+
+def num_adapter_slots(state) -> int:
+  return state.params["tasks"]["adapters"]["up"].shape[0]
+
+
+class Model:
+  """What a run's state and steps are built from; fixed for the life of one state shape.
+
+  Attributes:
+    config: the run's config.
+    spec: the encoder's sizes.
+    encoder: the Flax encoder module.
+    num_classes: [T] each task's trained class count.
+    mesh: the device mesh.
+    schedule: the learning rate as a function of the step.
+    schedule_start: the state step at which `schedule` starts (new_task trains from a
+      restored step with a schedule of its own).
+    train_encoder: False: the encoder runs frozen (inference mode, no gradient, no augmentation)
+      and only task rows learn (`new_task`).
+    tx: the encoder's optax optimiser.
+  """
+
+  def __init__(self, config, spec: ModelSpec, num_classes, mesh, *, schedule_steps=None,
+               schedule_start: int = 0, train_encoder: bool = True):
+    self.config = config
+    self.spec = spec
+    self.encoder = Encoder(spec)
+    self.num_classes = np.asarray(num_classes, np.int32)
+    self.num_tasks = len(self.num_classes)
+    self.mesh = mesh
+    self.schedule = optim.learning_rate_schedule(
+        config, config.total_steps if schedule_steps is None else schedule_steps)
+    self.schedule_start = schedule_start
+    self.train_encoder = train_encoder
+    self.tx = optim.encoder_optimizer(config, self.schedule)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.jit_cache = {}  # (kind, number of adapter slots) -> jitted function (steps.py).
+
+  def init_state(self, rng, num_adapter_slots: int = 1) -> TrainState:
+    encoder_rng, task_rng = jax.random.split(rng)
+    encoder = nn.meta.unbox(self.encoder.init({"params": encoder_rng}, dummy_batch(self.spec))
+                            ["params"])
+    m = self.config.model
+    tasks = task_layers.init_task_params(
+        task_rng, self.num_tasks, num_adapter_slots, self.spec.hidden_size, m.max_classes,
+        m.adapter_size, m.adapter_layers)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params={"encoder": encoder, "tasks": tasks},
+        opt_state=self.tx.init(encoder),
+        task_opt_state={k: optim.row_adam_init(v) for k, v in tasks.items()},
+        adapter_map=jnp.zeros((self.num_tasks,), jnp.int32),
+        num_classes=jnp.asarray(self.num_classes))
+
+  def state_shapes(self, num_adapter_slots: int = 1):
+    return jax.eval_shape(functools.partial(self.init_state, num_adapter_slots=num_adapter_slots),
+                          jax.random.key(0))
+
+  @functools.lru_cache(maxsize=None)
+  def state_shardings(self, num_adapter_slots: int = 1):
+    """NamedShardings for every leaf of the state, from logical axis names and config rules."""
+    boxed = jax.eval_shape(lambda: self.encoder.init(
+        {"params": jax.random.key(0)}, dummy_batch(self.spec))["params"])
+    encoder_specs = nn.get_partition_spec(boxed)
+    task_specs = jax.tree.map(lambda axes: P(*axes), task_layers.PARAM_AXES,
+                              is_leaf=lambda x: isinstance(x, tuple))
+    opt_specs = optax.tree_map_params(
+        self.tx, lambda _, s: s, self.state_shapes(num_adapter_slots).opt_state, encoder_specs,
+        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    row_axis = {"heads": "task", "adapters": "adapter"}
+    specs = TrainState(
+        step=P(), params={"encoder": encoder_specs, "tasks": task_specs},
+        opt_state=opt_specs,
+        task_opt_state={k: optim.RowAdamState(mu=task_specs[k], nu=task_specs[k],
+                                              count=P(row_axis[k])) for k in task_specs},
+        adapter_map=P(), num_classes=P())
+    return sharding.logical_to_sharding(specs, self.mesh, self.config.sharding_rules)
+
+  def abstract_state(self, num_adapter_slots: int = 1):
+    """ShapeDtypeStructs with shardings: the target of a checkpoint restore."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        self.state_shapes(num_adapter_slots),
+                        self.state_shardings(num_adapter_slots))
+
+  def create_state(self, rng, num_adapter_slots: int = 1) -> TrainState:
+    """Parameters born sharded: init compiled with the target shardings as its outputs."""
+    init = jax.jit(self.init_state, static_argnums=1,
+                   out_shardings=self.state_shardings(num_adapter_slots))
+    return init(rng, num_adapter_slots)
+
+  def global_batch(self, local_batch: dict) -> dict:
+    """This process's slice -> global arrays sharded over the mesh's `data` axis."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local_batch.items()}
+
+
+def _append_rows(params, opt_state: optim.RowAdamState, fresh):
+  """Rows appended to a stacked tree and to its row-wise AdamW state (zero moments, count 0)."""
+  concat = lambda old, new: jnp.concatenate([old, new.astype(old.dtype)])
+  zeros = jax.tree.map(jnp.zeros_like, fresh)
+  num_new = jax.tree.leaves(fresh)[0].shape[0]
+  return (jax.tree.map(concat, params, fresh),
+          optim.RowAdamState(mu=jax.tree.map(concat, opt_state.mu, zeros),
+                             nu=jax.tree.map(concat, opt_state.nu, zeros),
+                             count=concat(opt_state.count, jnp.zeros((num_new,), jnp.int32))))
+
+
+def _grow_heads(heads, heads_opt, num_classes, rng, new_num_classes):
+  hidden, max_classes = heads["kernel"].shape[1:]
+  fresh = task_layers.init_heads(rng, new_num_classes.shape[0], hidden, max_classes)
+  heads, heads_opt = _append_rows(heads, heads_opt, fresh)
+  return heads, heads_opt, jnp.concatenate([num_classes, new_num_classes.astype(jnp.int32)])
+
+
+def _grow_adapters(adapters, adapters_opt, adapter_map, rng, tasks, *, adapter_size,
+                   adapter_layers):
+  num_slots, hidden = adapters["up"].shape[0], adapters["up"].shape[-1]
+  fresh = task_layers.init_adapters(rng, tasks.shape[0], hidden, adapter_size, adapter_layers)
+  adapters, adapters_opt = _append_rows(adapters, adapters_opt, fresh)
+  adapter_map = adapter_map.at[tasks].set(num_slots + jnp.arange(tasks.shape[0], dtype=jnp.int32))
+  return adapters, adapters_opt, adapter_map
+
+
+def grow(model: Model, state: TrainState, rng, *, new_num_classes=(), adapter_tasks=()
+         ) -> TrainState:
+  """The state with rows for new tasks and adapter slots for chosen tasks.
+
+  Args:
+    model: the Model of the grown state (its task count includes the new tasks).
+    state: the state to grow; it is not changed.
+    rng: initialises the new head rows and adapter slots.
+    new_num_classes: trained class counts of tasks appended after the existing ones (a head row
+      each, adapter slot 0 = none).
+    adapter_tasks: task indices (in the grown task list) that get one new adapter slot each,
+      in order; a task keeps its old slot otherwise.
+
+  Only the grown arrays go through a jitted function (compiled once per shape and cached on the
+  model); every other array, the encoder's included, is passed on as it is.
+  """
+  new_num_classes = np.asarray(new_num_classes, np.int32).reshape(-1)
+  adapter_tasks = np.asarray(adapter_tasks, np.int32).reshape(-1)
+  tasks = state.params["tasks"]
+  task_opt = state.task_opt_state
+  heads, heads_opt, num_classes = tasks["heads"], task_opt["heads"], state.num_classes
+  adapters, adapters_opt, adapter_map = tasks["adapters"], task_opt["adapters"], state.adapter_map
+  head_rng, adapter_rng = jax.random.split(rng)
+  slots_after = num_adapter_slots(state) + len(adapter_tasks)
+  shardings = model.state_shardings(slots_after)
+  if len(new_num_classes):
+    key = ("grow_heads", heads["kernel"].shape[0], len(new_num_classes))
+    if key not in model.jit_cache:
+      model.jit_cache[key] = jax.jit(_grow_heads, out_shardings=(
+          shardings.params["tasks"]["heads"], shardings.task_opt_state["heads"],
+          shardings.num_classes))
+    heads, heads_opt, num_classes = model.jit_cache[key](heads, heads_opt, num_classes, head_rng,
+                                                         new_num_classes)
+    adapter_map = jax.device_put(
+        jnp.concatenate([adapter_map, jnp.zeros(len(new_num_classes), jnp.int32)]),
+        shardings.adapter_map)
+  if len(adapter_tasks):
+    m = model.config.model
+    key = ("grow_adapters", num_adapter_slots(state), len(adapter_tasks), adapter_map.shape[0])
+    if key not in model.jit_cache:
+      model.jit_cache[key] = jax.jit(
+          functools.partial(_grow_adapters, adapter_size=m.adapter_size,
+                            adapter_layers=m.adapter_layers),
+          out_shardings=(shardings.params["tasks"]["adapters"],
+                         shardings.task_opt_state["adapters"], shardings.adapter_map))
+    adapters, adapters_opt, adapter_map = model.jit_cache[key](
+        adapters, adapters_opt, adapter_map, adapter_rng, adapter_tasks)
+  return state.replace(
+      params={**state.params, "tasks": {"heads": heads, "adapters": adapters}},
+      task_opt_state={"heads": heads_opt, "adapters": adapters_opt},
+      adapter_map=adapter_map, num_classes=num_classes)
