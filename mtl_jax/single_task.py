@@ -71,6 +71,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -575,19 +576,19 @@ def format_comparison(result: dict) -> str:
 # --- Command line -------------------------------------------------------------------------------
 
 def _compare_main(argv: Sequence[str]) -> int:
-  import argparse
-  parser = argparse.ArgumentParser(
-      prog="python -m mtl_jax.single_task compare",
-      description="Per-task accuracy of a multi-task run vs single-task baselines.")
-  parser.add_argument("--mtl", required=True, action="append",
-                      help="The multi-task run's workdir; several (e.g. one per seed): "
-                           "comma-separated, or the flag repeated.")
-  parser.add_argument("--single", required=True, action="append",
-                      help="The single-task runner's workdir; several: as for --mtl.")
-  parser.add_argument("--out", default=None,
-                      help="Output folder (default: <first single workdir>/reports).")
-  parser.add_argument("--split", default="test", choices=("validation", "test"))
-  args = parser.parse_args(argv)
+  from absl import flags
+  from mtl_jax import cli
+  args = cli.flag_values()
+  flags.DEFINE_multi_string("mtl", None, "The multi-task run's workdir; several (e.g. one per "
+                            "seed): comma-separated, or the flag repeated.", flag_values=args,
+                            required=True)
+  flags.DEFINE_multi_string("single", None, "The single-task runner's workdir; several: as for "
+                            "--mtl.", flag_values=args, required=True)
+  flags.DEFINE_string("out", None, "Output folder (default: <first single workdir>/reports).",
+                      flag_values=args)
+  flags.DEFINE_enum("split", "test", ["validation", "test"], "The split compared.",
+                    flag_values=args)
+  cli.parse(args, argv, "python -m mtl_jax.single_task compare")
   split_runs = lambda values: [w for v in values for w in v.split(",") if w.strip()]
   result = compare(split_runs(args.mtl), split_runs(args.single), args.out, args.split)
   print(format_comparison(result), flush=True)
@@ -617,14 +618,17 @@ def _train_main(argv: Sequence[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    train_single_task_baselines(f.config, f.workdir, f.tasks or None, f.steps, f.steps_policy,
-                                f.epochs, f.min_steps)
+    from mtl_jax import cli
+    try:
+      train_single_task_baselines(f.config, f.workdir, f.tasks or None, f.steps,
+                                  f.steps_policy, f.epochs, f.min_steps)
+    except cli.user_errors() as e:
+      sys.exit(cli.report(e))
 
   app.run(main, argv=list(argv))
 
 
 def main(argv: Sequence[str] | None = None):
-  import sys
   argv = list(sys.argv if argv is None else argv)
   if len(argv) > 1 and argv[1] == "compare":
     return _compare_main(argv[2:])
@@ -632,4 +636,5 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  from mtl_jax import cli
+  cli.run(lambda argv: main([sys.argv[0], *argv]))

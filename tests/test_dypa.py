@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mtl_jax import dypa, state as state_lib, steps, synthetic, train
+from mtl_jax.dypa import __main__ as dypa_cli
 from tests.helpers import NUM_CLASSES, random_batch, tiny_config, tiny_model
 
 NAMES = [f"task{t}" for t in range(len(NUM_CLASSES))]
@@ -129,6 +130,6 @@ def test_resume_before_and_after_an_expansion_matches_an_uninterrupted_run(
   assert a["/tasks/adapters/up"].shape[0] == 4  # 3 of 6 tasks got adapters at step 2.
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  dypa.main(["--workdir", str(stopped)])
+  dypa_cli.main(["--workdir", str(stopped)])
   printed = capsys.readouterr().out
   assert "3 adapters" in printed and "step 2: +3 adapters (lowest_accuracy)" in printed

@@ -819,9 +819,9 @@ def test_predict_refuses_a_damaged_checkpoint(damaged_run):
 
 
 def test_dypa_refuses_a_damaged_checkpoint(damaged_run):
-  from mtl_jax import dypa
+  from mtl_jax.dypa import __main__ as dypa_cli
   with pytest.raises(checkpointing.CheckpointError) as error:
-    dypa.describe(str(damaged_run))
+    dypa_cli.describe(str(damaged_run))
   _assert_refused(error, damaged_run)
 
 

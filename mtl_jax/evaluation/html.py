@@ -612,14 +612,16 @@ def write_html_report(workdir, dypa_events: list | None = None,
 
 
 def main(argv=None):
-  import argparse
-
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, help="A finished run's workdir.")
-  args = parser.parse_args(argv)
+  from absl import flags
+  from mtl_jax import cli
+  args = cli.flag_values()
+  flags.DEFINE_string("workdir", None, "A finished run's workdir.", flag_values=args,
+                      required=True)
+  cli.parse(args, argv, "python -m mtl_jax.evaluation.html")
   events, config = read_dypa_events(args.workdir)
   print(write_html_report(args.workdir, events, config))
 
 
 if __name__ == "__main__":
-  main()
+  from mtl_jax import cli
+  cli.run(main)

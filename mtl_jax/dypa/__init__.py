@@ -17,19 +17,15 @@ At configured points (`dypa.at_steps`, or after every k-th validation evaluation
 Each allocation is an event (step, tasks, their scores, adapter and parameter counts before and
 after) written to the metric writer and kept in the checkpoint's metadata.
 
-  python -m mtl_jax.dypa --workdir=runs/demo [--step=N]   # prints a run's allocation
+  python -m mtl_jax.dypa --workdir=runs/demo [--step=N]   # a run's allocation (__main__.py)
 """
 import json
-import types
 
 import jax
 import numpy as np
-from absl import flags
 
-from mtl_jax import cli
 from mtl_jax import state as state_lib
 from mtl_jax import task_layers
-from mtl_jax import workdir as workdir_lib
 
 SELECTORS = ("lowest_accuracy", "highest_loss", "baseline_gap", "explicit")
 
@@ -150,40 +146,3 @@ def expand(model, state, rows: list[dict], step: int):
       "task_specific_share_after": after["task_specific_share"],
   }
   return state, event
-
-
-def describe(workdir: str, step: int | None = None) -> str:
-  """The allocation of a run's checkpoint (verified), and its DyPa history, as text."""
-  run = workdir_lib.open_run(workdir, step)
-  try:
-    arrays = run.restore_inference()
-  finally:
-    run.close()
-  names = run.task_table.names
-  summary = allocation_summary(types.SimpleNamespace(**arrays), names)
-  lines = [f"{run.workdir} at step {run.step}: {summary['adapter_slots']} adapters, "
-           f"{summary['task_specific_parameters']:,} task-specific parameters "
-           f"({100 * summary['task_specific_share']:.2f}% of {summary['total_parameters']:,}; "
-           f"adapters {100 * summary['adapter_share']:.2f}%)"]
-  adapter_map = np.asarray(jax.device_get(arrays["adapter_map"]))
-  for t in np.flatnonzero(adapter_map):
-    lines.append(f"  {names[t]}: adapter slot {int(adapter_map[t])}")
-  for event in run.meta.get("dypa_events", []):
-    lines.append(f"  step {event['step']}: +{len(event['tasks'])} adapters ({event['select']}): "
-                 f"{', '.join(event['tasks'])}")
-  return "\n".join(lines)
-
-
-def main(argv=None):
-  """Prints the allocation of a workdir's latest (or given) checkpoint."""
-  flag_values = cli.flag_values()
-  flags.DEFINE_string("workdir", None, "The run's directory.", flag_values=flag_values,
-                      required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).",
-                       flag_values=flag_values)
-  cli.parse(flag_values, argv, "python -m mtl_jax.dypa")
-  print(describe(flag_values.workdir, flag_values.step))
-
-
-if __name__ == "__main__":
-  cli.run(main)
