@@ -879,22 +879,33 @@ def _run_cli(args, cwd=ROOT, timeout=300):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,expected", [
+@pytest.mark.parametrize("args,expected,status", [
     (["mtl_jax.main", "--config=configs/demo.py:tiny", "--config.optimizer.learning_rate=-1",
-      "--workdir={tmp}/run"], "error: config.optimizer.learning_rate: "),
+      "--workdir={tmp}/run"], "error: config.optimizer.learning_rate: ", 1),
+    (["mtl_jax.main", "--config=configs/demo.py:tiny", "--config.optimizer.learnig_rate=0.1",
+      "--workdir={tmp}/run"], "error: --config.optimizer.learnig_rate: no such config field", 2),
+    (["mtl_jax.main", "--config=configs/nosuch.py", "--workdir={tmp}/run"],
+     "error: --config: Failed loading config file", 2),
+    (["mtl_jax.main", "--config=configs/demo.py:tiny", "--config.data.catalogue_dir={tmp}/bad",
+      "--workdir={tmp}/run"], "error: {tmp}/bad/train.jsonl line ", 1),
     (["mtl_jax.predict", "--workdir={tmp}/nothing", "--input=x.jsonl", "--output=y.jsonl"],
-     "error: {tmp}/nothing: no checkpoints directory."),
-    (["mtl_jax.dypa", "--workdir={tmp}/nothing"], "error: {tmp}/nothing: no checkpoints"),
+     "error: --input=x.jsonl: no such file.", 1),
+    (["mtl_jax.predict", "--workdir={tmp}/nothing", "--input={tmp}/file", "--output=y.jsonl"],
+     "error: {tmp}/nothing: no checkpoints directory.", 1),
+    (["mtl_jax.dypa", "--workdir={tmp}/nothing"], "error: {tmp}/nothing: no checkpoints", 1),
     (["mtl_jax.main", "--config=configs/demo.py:tiny", "--workdir={tmp}/file"],
-     "error: --workdir={tmp}/file is a file, not a directory."),
+     "error: --workdir={tmp}/file is a file, not a directory.", 1),
 ])
-def test_user_errors_are_one_line_without_a_traceback(args, expected, tmp_path):
+def test_user_errors_are_one_line_without_a_traceback(args, expected, status, catalogue_dir,
+                                                      tmp_path):
   (tmp_path / "file").write_text("")
+  bad_catalogue(catalogue_dir, tmp_path / "bad")
   proc = _run_cli([a.format(tmp=tmp_path) for a in args])
-  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert proc.returncode == status, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
   assert len(lines) == 1 and lines[0].startswith(expected.format(tmp=tmp_path)), proc.stderr
-  assert "Fix:" in lines[0] and "Traceback" not in proc.stderr
+  assert "Fix" in lines[0] or status == 2, lines[0]
+  assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
