@@ -1,22 +1,30 @@
 """Embedding augmentations: none / mixup / stitchup / soft_mixup / soft_stitchup, on two datasets.
 
   python experiments/augmentations.py [--seeds 0,1,2] [--steps 400] [--kinds none,mixup,...]
+  python experiments/augmentations.py --smoke   # a check that the script runs
 
 Every run trains `configs/demo.py`'s model with `eval.holdout_classes=1`: each task's last class
 is never trained on (no loss, not in the softmax). After training, the run's last checkpoint is
-restored and `Trainer.predict_probs` scores the test split. Metrics (mtl_jax/metrics.py):
+read back (`workdir.open_run`) and its test split evaluated by the library's evaluation loop
+(`steps.evaluate`) and scored by `evaluation.evaluate_outputs`, the code that writes the run's
+own `reports/test.json` (definitions in mtl_jax/evaluation/report.py, implementations in
+mtl_jax/evaluation/metrics.py):
 
-- accuracy: mean over tasks of the accuracy on the test examples of trained (seen) classes;
+- accuracy: mean over tasks of the accuracy on the test examples of trained (seen) classes
+  (summary `mean_accuracy`);
 - macro AUROC: per task, one-vs-rest AUROC over its trained classes (seen examples), averaged
-  over classes, then over tasks;
-- ECE: 15 equal-width bins of the max softmax probability, seen examples of all tasks pooled;
-  the bins themselves (confidence, accuracy, count) go into the result file; the signed gap
-  mean confidence - accuracy tells over- (> 0) from underconfidence (< 0);
+  over classes, then over tasks (`mean_macro_auroc`);
+- ECE: 15 equal-width bins of the max softmax probability, seen examples of all tasks pooled
+  (`ece`); the bins themselves (confidence, accuracy, count: `SplitResult.calibration`) go into
+  the result file; the signed gap mean confidence - accuracy, computed from those bins, tells
+  over- (> 0) from underconfidence (< 0);
 - unseen-class detection: AUROC and AUPR of `1 - max softmax probability` separating the test
-  examples of held-out classes (positives) from the seen ones, all tasks pooled; and the same
-  AUROC within each task, averaged over the tasks with at least `MIN_UNSEEN_PER_TASK` unseen
-  test examples. Pooling mixes tasks whose confidence levels differ (a 2-class task is confident
-  on everything), so the pooled number measures the task mix as much as the detection.
+  examples of held-out classes (positives) from the seen ones, pooled over the tasks that hold
+  a class out (`pooled_unseen_auroc`, `pooled_unseen_aupr`; here every task does: all have 3 or
+  more classes); and the same AUROC within each task (the report rows' `unseen_auroc`),
+  averaged over the tasks with at least `MIN_UNSEEN_PER_TASK` unseen test examples. Pooling
+  mixes tasks whose confidence levels differ (a 2-class task is confident on everything), so the
+  pooled number measures the task mix as much as the detection.
 
 Datasets:
 
@@ -31,6 +39,10 @@ Datasets:
   of the E-Stitchup paper; `keep` leaves the text in. Augmentation on `--minilm_inputs`
   (default "image": the projected embedding; mixup commutes with the projection, stitchup picks
   projected coordinates).
+
+`--smoke` shrinks everything (a 4-task catalogue, a 1-layer 32-wide model, 4 steps, one seed,
+kinds none and soft_mixup, both datasets) and writes to `<workdir>/smoke.json` instead of the
+result file: it checks that the script runs, its numbers mean nothing.
 
 Prints the kind x dataset table (mean ± std over seeds) and writes
 experiments/results/augmentations.json: command, date, hardware, per-run metrics and per-kind
@@ -52,11 +64,14 @@ import numpy as np  # noqa: E402
 
 from configs import demo  # noqa: E402
 from experiments import common  # noqa: E402
-from mtl_jax import augment, catalogue, metrics, pretrained  # noqa: E402
+from mtl_jax import augment, catalogue, evaluation, pretrained  # noqa: E402
 from mtl_jax.model import Encoder, ModelSpec  # noqa: E402
 
 CATALOGUE = {"num_tasks": 8, "seed": 0, "min_products": 200, "max_products": 800}
-NUM_BINS = 15
+SMOKE_CATALOGUE = {"num_tasks": 4, "seed": 0, "min_products": 60, "max_products": 120}
+SMOKE_MODEL = {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
+               "model.mlp_size": 64, "eval_batch_size": 64}
+NUM_BINS = evaluation.metrics.DEFAULT_NUM_BINS  # The report's calibration bins (15).
 METRICS = ("accuracy", "macro_auroc", "ece", "confidence_gap", "unseen_auroc", "unseen_aupr",
            "unseen_auroc_per_task")
 # Per-task unseen-class AUROC is averaged over the tasks with at least this many test examples
@@ -153,65 +168,54 @@ def make_minilm_catalogue(source_dir: str, out_dir: str, text_mode: str, batch_s
 
 # --- Metrics ------------------------------------------------------------------------------------
 
-def reliability_bins(confidences: np.ndarray, correct: np.ndarray, num_bins: int = NUM_BINS):
-  """Per equal-width bin (right-closed, as `metrics.expected_calibration_error`): mean
-  confidence, accuracy and count; empty bins have None."""
-  inner_edges = np.linspace(0.0, 1.0, num_bins + 1)[1:-1]
-  bins = np.searchsorted(inner_edges, confidences, side="left")
-  counts = np.bincount(bins, minlength=num_bins)
-  confidence_sums = np.bincount(bins, weights=confidences, minlength=num_bins)
-  correct_sums = np.bincount(bins, weights=correct.astype(np.float64), minlength=num_bins)
-  edges = np.linspace(0.0, 1.0, num_bins + 1)
-  return [{"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": int(counts[b]),
-           "confidence": float(confidence_sums[b] / counts[b]) if counts[b] else None,
-           "accuracy": float(correct_sums[b] / counts[b]) if counts[b] else None,
-           "confidence_sum": float(confidence_sums[b]), "correct_sum": float(correct_sums[b])}
-          for b in range(num_bins)]
+def _calibration_sums(calibration: dict):
+  """Per-bin (count, confidence sum, correct sum) of a reliability diagram
+  (`SplitResult.calibration`, `metrics.calibration_from_sums`)."""
+  bins = calibration["bins"]
+  counts = np.array([b["count"] for b in bins], np.float64)
+  confidence = np.array([b["confidence"] or 0.0 for b in bins]) * counts
+  correct = np.array([b["accuracy"] or 0.0 for b in bins]) * counts
+  return counts, confidence, correct
 
 
-def score(predictions: dict, trained_num_classes: np.ndarray) -> dict:
-  """Every metric of one run from its test predictions."""
-  probs, labels, task_ids = (predictions[k] for k in ("probs", "labels", "task_ids"))
-  seen = labels < trained_num_classes[task_ids]
-  confidence = probs.max(axis=-1)
-  correct = probs.argmax(axis=-1) == labels
-  per_task_accuracy = [float(correct[seen & (task_ids == t)].mean())
-                       for t in np.unique(task_ids[seen])]
-  per_task_auroc = metrics.per_task_macro_auroc(probs[seen], labels[seen], task_ids[seen],
-                                                trained_num_classes)
-  detection = metrics.unseen_class_detection(confidence[seen], confidence[~seen])
-  per_task_detection = {}
-  for t in np.unique(task_ids):
-    mine = task_ids == t
-    if np.sum(mine & ~seen) >= MIN_UNSEEN_PER_TASK and np.any(mine & seen):
-      per_task_detection[int(t)] = metrics.unseen_class_detection(
-          confidence[mine & seen], confidence[mine & ~seen])["auroc"]
-  bins = reliability_bins(confidence[seen], correct[seen])
-  ece = metrics.expected_calibration_error(confidence[seen], correct[seen], NUM_BINS)
-  from_bins = sum(abs(b["correct_sum"] - b["confidence_sum"]) for b in bins) / seen.sum()
-  assert abs(from_bins - ece) < 1e-9, (from_bins, ece)  # The bins are the ECE's bins.
-  return {"accuracy": float(np.mean(per_task_accuracy)),
-          "macro_auroc": float(np.nanmean(list(per_task_auroc.values()))),
-          "ece": ece, "confidence_gap": float(confidence[seen].mean() - correct[seen].mean()),
-          "unseen_auroc": detection["auroc"], "unseen_aupr": detection["aupr"],
-          "unseen_auroc_per_task": float(np.mean(list(per_task_detection.values())))
-          if per_task_detection else float("nan"),
+def _mean(values) -> float | None:
+  values = [v for v in values if v is not None]
+  return float(np.mean(values)) if values else None
+
+
+def score(result: evaluation.SplitResult) -> dict:
+  """Every metric of one run, from `evaluation.evaluate_outputs` of its test split.
+
+  The numbers are the evaluation's own (see the module docstring); only the confidence gap and
+  the per-task unseen-class AUROC over tasks with enough unseen examples are derived here, from
+  its calibration bins and rows.
+  """
+  summary, rows = result.summary, result.rows
+  counts, confidence, correct = _calibration_sums(result.calibration)
+  seen = int(sum(r["eval_examples"] for r in rows))
+  unseen = int(sum(r.get("unseen_examples", 0) for r in rows))
+  per_task_detection = {t: r["unseen_auroc"] for t, r in enumerate(rows)
+                        if r.get("unseen_examples", 0) >= MIN_UNSEEN_PER_TASK
+                        and r.get("unseen_auroc") is not None}
+  return {"accuracy": summary["mean_accuracy"],
+          "macro_auroc": summary["mean_macro_auroc"],
+          "ece": summary["ece"],
+          "confidence_gap": float((confidence.sum() - correct.sum()) / counts.sum())
+          if counts.sum() else None,
+          "unseen_auroc": summary.get("pooled_unseen_auroc"),
+          "unseen_aupr": summary.get("pooled_unseen_aupr"),
+          "unseen_auroc_per_task": _mean(per_task_detection.values()),
           "unseen_auroc_by_task": per_task_detection,
-          "seen_examples": int(seen.sum()), "unseen_examples": int((~seen).sum()),
-          "unseen_rate": float((~seen).mean()), "reliability_bins": bins}
+          "seen_examples": seen, "unseen_examples": unseen,
+          "unseen_rate": unseen / (seen + unseen) if seen + unseen else None,
+          "reliability_bins": result.calibration["bins"]}
 
 
 def pooled_bins(bin_lists: list[list[dict]]) -> list[dict]:
-  """Reliability bins of several runs together (their examples pooled)."""
-  pooled = []
-  for parts in zip(*bin_lists):
-    count = sum(p["count"] for p in parts)
-    confidence = sum(p["confidence_sum"] for p in parts)
-    correct = sum(p["correct_sum"] for p in parts)
-    pooled.append({"lower": parts[0]["lower"], "upper": parts[0]["upper"], "count": count,
-                   "confidence": confidence / count if count else None,
-                   "accuracy": correct / count if count else None})
-  return pooled
+  """Reliability bins of several runs together (their examples pooled): the bins of
+  `metrics.calibration_from_sums` over the runs' summed bin counts and sums."""
+  sums = [_calibration_sums({"bins": bins}) for bins in bin_lists]
+  return evaluation.metrics.calibration_from_sums(*(sum(parts) for parts in zip(*sums)))["bins"]
 
 
 # --- Runs -----------------------------------------------------------------------------------------
@@ -224,6 +228,8 @@ def dataset_config(args, name: str, catalogue_dir: str):
       "eval.holdout_classes": 1, "max_to_keep": 1,
       "data.max_text_len": args.max_text_len if name == "synthetic" else 8,
       "augment.inputs": args.synthetic_inputs if name == "synthetic" else args.minilm_inputs})
+  if args.smoke:
+    common.set_fields(config, SMOKE_MODEL)
   return config
 
 
@@ -248,19 +254,27 @@ def run_dataset(args, root: str, name: str, catalogue_dir: str, kinds, seeds,
       else:
         workdir = common.fresh_workdir(dataset_root, f"{kind}-seed{seed}")
         result = common.train_run(config, workdir)
-      trainer, state, _, cat, tokenizer = common.restore_run(config, workdir)
-      predictions = common.predict_split(trainer, state, cat, tokenizer, "test")
-      scores = score(predictions, trainer.num_classes)
+      scores = score(common.evaluate_run(workdir, "test").result)
       report_accuracy = result["test"]["mean_accuracy"]
-      if abs(report_accuracy - scores["accuracy"]) > 1e-6:  # Two paths, one number.
-        raise AssertionError(f"{workdir}: predicted accuracy {scores['accuracy']} differs from "
-                             f"the test report's {report_accuracy}")
+      # The checkpoint read back scores as the trained state did at the end of training.
+      if abs(report_accuracy - scores["accuracy"]) > 1e-6:
+        raise AssertionError(f"{workdir}: the restored checkpoint's test accuracy "
+                             f"{scores['accuracy']} differs from the test report's "
+                             f"{report_accuracy}")
       runs.append({"dataset": name, "kind": kind, "seed": seed, "workdir": workdir,
                    "inputs": config.augment.inputs, "seconds": result["seconds"], **scores})
       print(f"  {name:<9} {kind:<13} seed {seed}: " + ", ".join(
-          f"{m} {scores[m]:.3f}" for m in METRICS) + (
+          f"{m} {_f(scores[m])}" for m in METRICS) + (
               f" ({result['seconds']:.0f} s)" if result["seconds"] else ""), flush=True)
   return runs
+
+
+def _difference(a, b):
+  return None if a is None or b is None else a - b
+
+
+def _f(value) -> str:
+  return "-" if value is None else f"{value:.3f}"
 
 
 def main():
@@ -275,12 +289,24 @@ def main():
   parser.add_argument("--minilm_text", choices=("blank", "keep"), default="blank")
   parser.add_argument("--embed_batch_size", type=int, default=64)
   parser.add_argument("--embed_max_len", type=int, default=64)
-  parser.add_argument("--workdir", default="runs/experiments/augmentations")
-  parser.add_argument("--out", default=common.default_out("augmentations"))
+  parser.add_argument("--workdir", default=None, help="default: runs/experiments/augmentations "
+                      "(runs/experiments/augmentations-smoke with --smoke)")
+  parser.add_argument("--out", default=None, help="default: experiments/results/"
+                      "augmentations.json (<workdir>/smoke.json with --smoke)")
   parser.add_argument("--rescore", action="store_true",
                       help="no training: re-score the runs already in --workdir (e.g. after a "
                       "metric was added); training times and command are kept from --out")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny catalogue and model, one seed, kinds none,soft_mixup, 4 steps: "
+                      "checks that the script runs; writes <workdir>/smoke.json")
   args = parser.parse_args()
+  if args.smoke:
+    args.seeds, args.steps, args.kinds = "0", 4, "none,soft_mixup"
+    args.max_text_len, args.embed_max_len = 24, 32
+  args.workdir = args.workdir or ("runs/experiments/augmentations-smoke" if args.smoke
+                                  else "runs/experiments/augmentations")
+  args.out = args.out or (os.path.join(args.workdir, "smoke.json") if args.smoke
+                          else common.default_out("augmentations"))
   seeds = [int(s) for s in args.seeds.split(",")]
   kinds = [k.strip() for k in args.kinds.split(",")]
   datasets = [d.strip() for d in args.datasets.split(",")]
@@ -290,7 +316,8 @@ def main():
   meta = common.run_metadata()
   started = time.perf_counter()
   root = os.path.abspath(args.workdir)
-  synthetic_dir = common.make_catalogue(root, CATALOGUE, demo.get_config())
+  catalogue_fields = SMOKE_CATALOGUE if args.smoke else CATALOGUE
+  synthetic_dir = common.make_catalogue(root, catalogue_fields, demo.get_config())
   catalogues = {"synthetic": synthetic_dir}
   minilm_info = None
   if "minilm" in datasets:
@@ -322,7 +349,8 @@ def main():
       if kind != "none" and "none" in kinds:  # Paired by seed: same data order and init.
         baseline = {r["seed"]: r for r in runs if r["dataset"] == name and r["kind"] == "none"}
         summary[f"{name}/{kind}"]["paired_gain_vs_none"] = {
-            m: common.mean_std([r[m] - baseline[r["seed"]][m] for r in mine]) for m in METRICS}
+            m: common.mean_std([_difference(r[m], baseline[r["seed"]][m]) for r in mine])
+            for m in METRICS}
   headers = ["dataset", "inputs", "kind", "accuracy", "macro AUROC", "ECE", "conf - acc",
              "unseen AUROC", "unseen AUPR", "unseen AUROC per task"]
   rows = [[name, args.synthetic_inputs if name == "synthetic" else args.minilm_inputs, kind,
@@ -346,7 +374,7 @@ def main():
     print(gain_table)
   total_seconds = time.perf_counter() - started
   common.write_json(args.out, {
-      **meta, "experiment": "augmentations", "args": vars(args), "catalogue": CATALOGUE,
+      **meta, "experiment": "augmentations", "args": vars(args), "catalogue": catalogue_fields,
       "base_config": "configs/demo.py", "seeds": seeds, "minilm_catalogue": minilm_info,
       "summary": summary, "table": table, "gain_table": gain_table,
       "reliability_bins": bins, "num_bins": NUM_BINS,

@@ -1,14 +1,17 @@
-"""What the experiment scripts share: config overrides, runs, restoring a run, predictions, JSON.
+"""What the experiment scripts share: config overrides, runs, reading a run back, JSON.
 
-Every training goes through `train.train_and_evaluate`; a finished run is read back from its
-last checkpoint with the library's own pieces (`train.prepare_data`, `train.model_spec`,
-`train.Trainer`, `Trainer.abstract_state`, `checkpointing.read_meta`), so the scripts
-re-implement neither the model nor the training.
+Every training goes through `train.train_and_evaluate`; a finished run is read back the way
+every command reads one, `workdir.open_run` (its config, task table, tokenizer and
+`state.Model`, and `Run.restore_inference` for the verified arrays), and evaluated by the
+library's one evaluation loop, `steps.evaluate` over `input_pipeline.eval_batches`, scored by
+`evaluation.evaluate_outputs`. The scripts re-implement neither the model, nor the training,
+nor the evaluation.
 
 Runs of one experiment share a catalogue and its prepared TFDS data and tokenizer: they are made
 once under `<root>/shared` and linked into every run's workdir, so a run only trains.
 """
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -19,13 +22,18 @@ import shlex
 import shutil
 import sys
 import time
+import types
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
-from mtl_jax import checkpointing, input_pipeline, sharding, synthetic, train
+from mtl_jax import evaluation
+from mtl_jax import input_pipeline
+from mtl_jax import prepare
+from mtl_jax import steps
+from mtl_jax import synthetic
+from mtl_jax import train
+from mtl_jax import workdir as workdir_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "experiments", "results")
@@ -82,9 +90,9 @@ def make_catalogue(root: str, synthetic_fields: dict, base_config) -> str:
 
 
 def prepare_data(config, workdir: str):
-  """`train.prepare_data` (catalogue and tokenizer), its printout sent to stderr."""
+  """`prepare.prepare_data` (catalogue and tokenizer), its printout sent to stderr."""
   with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress.
-    return train.prepare_data(config, epath.Path(workdir))
+    return prepare.prepare_data(config, workdir_lib.resolve(workdir))
 
 
 def prepare_shared(config, root: str):
@@ -144,49 +152,65 @@ def report_rows(workdir: str) -> list[dict]:
     return json.load(f)["tasks"]
 
 
-def restore_run(config, workdir: str):
-  """The finished run's trainer, last state, checkpoint meta, catalogue and tokenizer.
-
-  Reads the latest checkpoint with Orbax directly into `trainer.abstract_state` (as the
-  end-to-end test does): the run was just written by this process's library version.
-  """
-  workdir = os.path.abspath(workdir)  # Orbax wants absolute checkpoint paths.
-  catalogue, tokenizer = prepare_data(config, workdir)
-  task_table = catalogue.task_table
-  spec = train.model_spec(config, task_table, len(tokenizer))
-  trainer = train.Trainer(
-      config, spec, train.trained_num_classes(task_table.num_classes,
-                                              config.eval.holdout_classes),
-      sharding.make_mesh(config.mesh))
-  mngr = ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", item_names=("state", "meta"))
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint; train the run first.")
-  meta = checkpointing.read_meta(mngr, step)
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
-      trainer.abstract_state(meta["num_adapter_slots"])))).state
-  mngr.close()
-  return trainer, state, meta, catalogue, tokenizer
-
-
-def predict_split(trainer, state, catalogue, tokenizer, split: str) -> dict:
-  """Class probabilities of every real example of `split` (`Trainer.predict_probs`).
+def read_run(workdir: str, step: int | None = None):
+  """A finished run's checkpoint: (`workdir.Run`, its verified inference arrays).
 
   Returns:
-    {"probs": [N, C] over each example's trained task classes, "labels": [N], "task_ids": [N]}.
+    (run, arrays): `run` from `workdir.open_run` (closed: its `config`, `task_table`,
+    `tokenizer`, `model`, `meta` and `step` stay readable) and `arrays`, a namespace with
+    `params`, `adapter_map` and `num_classes` (`Run.restore_inference`), which
+    `dypa.allocation_summary` and `steps.evaluate` read like a train state.
   """
-  predict = jax.jit(trainer.predict_probs)
-  probs, labels, task_ids = [], [], []
-  for local in input_pipeline.eval_batches(catalogue, split, tokenizer, trainer.config):
-    real = local.pop("example_mask").astype(bool)
-    batch = trainer.global_batch(local)
-    out = np.asarray(jax.device_get(predict(state.params, state.adapter_map, state.num_classes,
-                                            batch)))
-    probs.append(out[real])
-    labels.append(local["label"][real])
-    task_ids.append(local["task_id"][real])
-  return {"probs": np.concatenate(probs), "labels": np.concatenate(labels),
-          "task_ids": np.concatenate(task_ids)}
+  run = workdir_lib.open_run(workdir, step)
+  try:
+    arrays = run.restore_inference()
+  finally:
+    run.close()
+  return run, types.SimpleNamespace(**arrays)
+
+
+@dataclasses.dataclass
+class RunEvaluation:
+  """One split of a finished run, evaluated from its checkpoint.
+
+  Attributes:
+    run: the `workdir.Run` (closed; see `read_run`).
+    arrays: its inference arrays (`params`, `adapter_map`, `num_classes`).
+    outputs: `steps.evaluate`'s {"logits" [N, C], "label" [N], "task_id" [N]} of the real
+      examples of the split.
+    result: `evaluation.evaluate_outputs` of those outputs (`rows`, `summary`, `calibration`),
+      the numbers of the run's own `reports/<split>.json`.
+  """
+  run: workdir_lib.Run
+  arrays: types.SimpleNamespace
+  outputs: dict
+  result: evaluation.SplitResult
+
+
+def evaluate_run(workdir: str, split: str = "test", step: int | None = None) -> RunEvaluation:
+  """Re-evaluates `split` of a finished run from its (latest, or `step`) checkpoint.
+
+  The catalogue is the run's own (`prepare.prepare_data` with the run's saved config, reusing
+  its prepared data); the tokenizer and model are those `workdir.open_run` reads.
+
+  Raises:
+    RuntimeError: the catalogue's tasks differ from those the checkpoint was trained on.
+  """
+  run, arrays = read_run(workdir, step)
+  catalogue, _ = prepare_data(run.config, os.fspath(run.workdir))
+  table = catalogue.task_table
+  if list(table.names) != list(run.task_table.names) or not np.array_equal(
+      table.num_classes, run.task_table.num_classes):
+    raise RuntimeError(f"{run.workdir}: the catalogue {run.config.data.catalogue_dir} no longer "
+                       "holds the tasks this run trained on; re-train the run.")
+  outputs = steps.evaluate(run.model, arrays.params, arrays.adapter_map,
+                           input_pipeline.eval_batches(catalogue, split, run.tokenizer,
+                                                       run.config))
+  result = evaluation.evaluate_outputs(
+      table, outputs, np.asarray(jax.device_get(arrays.num_classes)),
+      catalogue.num_examples("train"),
+      catalogue.skipped.get(split, {}), catalogue.skipped.get("train", {}))
+  return RunEvaluation(run=run, arrays=arrays, outputs=outputs, result=result)
 
 
 def mean_std(values) -> dict:

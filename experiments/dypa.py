@@ -1,20 +1,25 @@
 """DyPa on the synthetic catalogue: MTL with and without dynamic parameter allocation.
 
   python experiments/dypa.py [--seeds 0,1,2] [--steps 800] [--fraction 0.25]
+  python experiments/dypa.py --smoke   # a check that the script runs (~minutes on a CPU)
 
 For each seed (`config.seed`; the catalogue stays fixed) two runs of `configs/demo.py` with the
 same steps, data order and initialisation: plain MTL, and MTL with one DyPa allocation at half
 of training (`dypa.at_steps`, default selector: lowest validation accuracy). Up to the allocation
 both runs are the same computation, so the comparison is paired. The tasks DyPa selected are
-read from the DyPa run's checkpoint meta (`dypa_events`); both runs are scored on those tasks,
-on the others and on all, from their test reports. The task-specific parameter share of each
-final state comes from `dypa.allocation_summary`.
+read from the DyPa run's checkpoint meta (`dypa_events`, through `workdir.open_run`); both runs
+are scored on those tasks, on the others and on all, from their test reports. The task-specific
+parameter share of each final checkpoint comes from `dypa.allocation_summary`.
 
 The catalogue (16 tasks, generator seed 1) has several "fine" sites whose classes are sibling
 leaves, the hard tasks DyPa should find. Then the script times one host-side `dypa.expand` at
 1000 tasks with hidden 768 (`--expand_tasks 0` skips it): a cold call (trace and compile of the
 growth function for these shapes) and warm calls on the same input, with the XLA compile time
 inside each call read from `jax.monitoring`.
+
+`--smoke` shrinks everything (4-task catalogue, a 1-layer 32-wide model, 6 steps, one seed, the
+timing at 16 tasks) and writes to `<workdir>/smoke.json` instead of the result file: it checks
+that the script runs, its numbers mean nothing.
 
 Prints a table and writes experiments/results/dypa.json (command, date, hardware, every run).
 """
@@ -34,6 +39,9 @@ from mtl_jax import dypa  # noqa: E402
 
 # Synthetic catalogue: 16 sites, six of them "fine" (sibling-leaf classes), 300-2000 products.
 CATALOGUE = {"num_tasks": 16, "seed": 1, "min_products": 300, "max_products": 2000}
+SMOKE_CATALOGUE = {"num_tasks": 4, "seed": 1, "min_products": 60, "max_products": 120}
+SMOKE_MODEL = {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
+               "model.mlp_size": 64, "data.max_text_len": 24, "eval_batch_size": 64}
 # jax.monitoring events that make up a compilation.
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -46,6 +54,8 @@ def base_config(args):
       "total_steps": args.steps, "eval_every": args.dypa_at, "checkpoint_every": args.steps,
       "log_every": 100, "dypa.fraction": args.fraction, "dypa.select": "lowest_accuracy",
       "model.adapter_size": args.adapter_size, "model.adapter_layers": args.adapter_layers})
+  if args.smoke:
+    common.set_fields(config, SMOKE_MODEL)
   return config
 
 
@@ -68,11 +78,11 @@ def one_seed(args, root, seed):
       config.dypa.at_steps = str(args.dypa_at)
     workdir = common.fresh_workdir(root, f"{variant.replace('+', '_')}-seed{seed}")
     result = common.train_run(config, workdir)
-    trainer, state, meta, catalogue, _ = common.restore_run(config, workdir)
-    allocation = dypa.allocation_summary(state, list(catalogue.task_table.names))
+    run, arrays = common.read_run(workdir)  # The final checkpoint, verified.
+    allocation = dypa.allocation_summary(arrays, list(run.task_table.names))
     runs[variant] = {"workdir": workdir, "seconds": result["seconds"],
                      "test_summary": result["test"], "rows": common.report_rows(workdir),
-                     "dypa_events": meta.get("dypa_events", []), "allocation": allocation}
+                     "dypa_events": run.meta.get("dypa_events", []), "allocation": allocation}
     print(f"  seed {seed} {variant:<9} mean test accuracy {result['test']['mean_accuracy']:.3f}"
           f" ({result['seconds']:.0f} s)", flush=True)
   events = runs["mtl+dypa"]["dypa_events"]
@@ -87,16 +97,17 @@ def one_seed(args, root, seed):
 
 def time_expand(num_tasks, hidden, max_classes, fraction, repeats):
   """Seconds of `dypa.expand` at `num_tasks` tasks: a cold call, then warm calls."""
-  from tests.helpers import tiny_config, tiny_trainer  # The tests' tiny trainer, grown wide.
+  from tests.helpers import tiny_config, tiny_model  # The tests' tiny model, grown wide.
   config = tiny_config(**{
-      "model.hidden_size": hidden, "model.num_heads": 12, "model.mlp_size": hidden,
+      "model.hidden_size": hidden, "model.num_heads": 12 if hidden % 12 == 0 else 2,
+      "model.mlp_size": hidden,
       "model.num_layers": 1, "model.max_classes": max_classes, "dypa.fraction": fraction})
   rng = np.random.default_rng(0)
   # Long-tailed class counts, the widest task at max_classes.
   num_classes = np.clip(rng.zipf(1.6, num_tasks) + 1, 2, max_classes).astype(np.int32)
   num_classes[0] = max_classes
-  trainer = tiny_trainer(config, num_classes)
-  state = trainer.create_state(jax.random.key(0))
+  model = tiny_model(config, num_classes)
+  state = model.create_state(jax.random.key(0))
   jax.block_until_ready(state)
   rows = [{"task": f"task{t:04d}", "accuracy": float(a), "loss": float(1 - a)}
           for t, a in enumerate(rng.uniform(0.2, 0.95, num_tasks))]
@@ -109,7 +120,7 @@ def time_expand(num_tasks, hidden, max_classes, fraction, repeats):
     for _ in range(repeats):
       compile_seconds.clear()
       start = time.perf_counter()
-      grown, event = dypa.expand(trainer, state, rows, step=1000)
+      grown, event = dypa.expand(model, state, rows, step=1000)
       jax.block_until_ready(grown)
       calls.append({"seconds": time.perf_counter() - start,
                     "compile_seconds": float(sum(compile_seconds)),
@@ -138,9 +149,22 @@ def main():
   parser.add_argument("--expand_hidden", type=int, default=768)
   parser.add_argument("--expand_max_classes", type=int, default=128)
   parser.add_argument("--expand_repeats", type=int, default=4)
-  parser.add_argument("--workdir", default="runs/experiments/dypa")
-  parser.add_argument("--out", default=common.default_out("dypa"))
+  parser.add_argument("--workdir", default=None,
+                      help="default: runs/experiments/dypa (runs/experiments/dypa-smoke)")
+  parser.add_argument("--out", default=None,
+                      help="default: experiments/results/dypa.json (<workdir>/smoke.json)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny catalogue, model and timing, one seed, a few steps: checks that "
+                      "the script runs; writes <workdir>/smoke.json")
   args = parser.parse_args()
+  if args.smoke:
+    args.seeds, args.steps = "0", 6
+    args.expand_tasks = min(args.expand_tasks, 16) if args.expand_tasks else 0
+    args.expand_hidden, args.expand_max_classes, args.expand_repeats = 32, 8, 2
+  args.workdir = args.workdir or ("runs/experiments/dypa-smoke" if args.smoke
+                                  else "runs/experiments/dypa")
+  args.out = args.out or (os.path.join(args.workdir, "smoke.json") if args.smoke
+                          else common.default_out("dypa"))
   args.dypa_at = args.dypa_at or args.steps // 2
   seeds = [int(s) for s in args.seeds.split(",")]
   meta = common.run_metadata()
@@ -148,7 +172,8 @@ def main():
 
   root = os.path.abspath(args.workdir)
   config = base_config(args)
-  config.data.catalogue_dir = common.make_catalogue(root, CATALOGUE, config)
+  catalogue_fields = SMOKE_CATALOGUE if args.smoke else CATALOGUE
+  config.data.catalogue_dir = common.make_catalogue(root, catalogue_fields, config)
   common.prepare_shared(config, root)
   print(f"DyPa experiment: {len(seeds)} seeds x (MTL, MTL+DyPa at step {args.dypa_at}) x "
         f"{args.steps} steps, fraction {args.fraction}", flush=True)
@@ -199,7 +224,7 @@ def main():
 
   total_seconds = time.perf_counter() - started
   common.write_json(args.out, {
-      **meta, "experiment": "dypa", "args": vars(args), "catalogue": CATALOGUE,
+      **meta, "experiment": "dypa", "args": vars(args), "catalogue": catalogue_fields,
       "base_config": "configs/demo.py", "seeds": seeds, "summary": summary, "table": table,
       "per_seed": [{**s, "runs": {v: {k: r[k] for k in r if k != "rows"} | {"test_rows": r["rows"]}
                                   for v, r in s["runs"].items()}} for s in per_seed],

@@ -1,6 +1,7 @@
 """Pretrained (all-MiniLM-L6-v2) versus random initialisation of the text encoder, equal steps.
 
   python experiments/pretrained_init.py [--seeds 0,1,2] [--steps 200] [--eval_every 25]
+  python experiments/pretrained_init.py --smoke   # a check that the script runs
 
 Both variants build the same architecture, MiniLM's (hidden 384, 6 layers, 12 heads, MLP 1536),
 and read the same tokens: the `minilm` variant sets `model.text_init="minilm"` (weights and
@@ -15,7 +16,13 @@ needs to reach `--targets` (the first evaluation at or above the target). At the
 per-task test accuracy.
 
 The MiniLM-size model is slow on a CPU, so before training the script times the train step
-(`Trainer.jitted_train_step` on real batches, after a warm-up) and prints the expected total.
+(`steps.jitted_train_step` of a `state.Model` on real batches, after a warm-up) and prints the
+expected total.
+
+`--smoke` keeps the MiniLM architecture (the checkpoint fixes it) but shrinks the rest (a
+4-task catalogue, one seed, 4 steps of batch 4 with 16 text tokens, one timed step) and writes
+to `<workdir>/smoke.json` instead of the result file: it checks that the script runs, its
+numbers mean nothing.
 
 Prints a table and writes experiments/results/pretrained_init.json (command, date, hardware,
 step time, every run's validation curve and test summary).
@@ -32,9 +39,12 @@ import numpy as np  # noqa: E402
 
 from configs import demo  # noqa: E402
 from experiments import common  # noqa: E402
-from mtl_jax import input_pipeline, pretrained, sharding, train  # noqa: E402
+from mtl_jax import input_pipeline, pretrained, sharding  # noqa: E402
+from mtl_jax import steps as steps_lib  # noqa: E402
+from mtl_jax import state as state_lib  # noqa: E402
 
 CATALOGUE = {"num_tasks": 8, "seed": 0, "min_products": 200, "max_products": 800}
+SMOKE_CATALOGUE = {"num_tasks": 4, "seed": 0, "min_products": 60, "max_products": 120}
 MINILM_SIZES = {"model.hidden_size": 384, "model.num_layers": 6, "model.num_heads": 12,
                 "model.mlp_size": 1536}
 VARIANTS = ("minilm", "random")
@@ -73,18 +83,18 @@ def time_train_step(config, root: str, warmup: int, steps: int) -> dict:
   """Median seconds of one train step at these sizes, on real batches after `warmup` steps."""
   workdir = common.fresh_workdir(root, "step-time")
   catalogue, tokenizer = common.prepare_data(config, workdir)
-  spec = train.model_spec(config, catalogue.task_table, len(tokenizer))
-  trainer = train.Trainer(config, spec, train.trained_num_classes(
+  spec = state_lib.model_spec(config, catalogue.task_table, len(tokenizer))
+  model = state_lib.Model(config, spec, state_lib.trained_num_classes(
       catalogue.task_table.num_classes, config.eval.holdout_classes),
                           sharding.make_mesh(config.mesh))
-  state = trainer.create_state(jax.random.key(config.seed))
-  step = trainer.jitted_train_step(1)
+  state = model.create_state(jax.random.key(config.seed))
+  step = steps_lib.jitted_train_step(model, 1)
   batches = input_pipeline.TrainBatches(catalogue, tokenizer, config, 0)
   times = []
   try:
     start = time.perf_counter()
     for i in range(warmup + steps):
-      batch = trainer.global_batch(next(batches))
+      batch = model.global_batch(next(batches))
       begin = time.perf_counter()
       state, metrics = step(state, batch)
       jax.block_until_ready((state, metrics))
@@ -115,15 +125,28 @@ def main():
   parser.add_argument("--learning_rate", type=float, default=2e-4)
   parser.add_argument("--warmup_steps", type=int, default=20)
   parser.add_argument("--time_steps", type=int, default=8, help="0: skip the step timing")
-  parser.add_argument("--workdir", default="runs/experiments/pretrained_init")
-  parser.add_argument("--out", default=common.default_out("pretrained_init"))
+  parser.add_argument("--workdir", default=None, help="default: runs/experiments/pretrained_init "
+                      "(runs/experiments/pretrained_init-smoke with --smoke)")
+  parser.add_argument("--out", default=None, help="default: experiments/results/"
+                      "pretrained_init.json (<workdir>/smoke.json with --smoke)")
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny catalogue, one seed, 4 steps of batch 4, one timed step: checks "
+                      "that the script runs; writes <workdir>/smoke.json")
   args = parser.parse_args()
+  if args.smoke:
+    args.seeds, args.steps, args.eval_every = "0", 4, 2
+    args.batch_size, args.max_text_len, args.warmup_steps, args.time_steps = 4, 16, 1, 1
+  args.workdir = args.workdir or ("runs/experiments/pretrained_init-smoke" if args.smoke
+                                  else "runs/experiments/pretrained_init")
+  args.out = args.out or (os.path.join(args.workdir, "smoke.json") if args.smoke
+                          else common.default_out("pretrained_init"))
   seeds = [int(s) for s in args.seeds.split(",")]
   targets = [float(t) for t in args.targets.split(",")]
   meta = common.run_metadata()
   started = time.perf_counter()
   root = os.path.abspath(args.workdir)
-  catalogue_dir = common.make_catalogue(root, CATALOGUE, demo.get_config())
+  catalogue_fields = SMOKE_CATALOGUE if args.smoke else CATALOGUE
+  catalogue_dir = common.make_catalogue(root, catalogue_fields, demo.get_config())
   configs = {v: variant_config(args, v, catalogue_dir) for v in VARIANTS}
   # Same catalogue, same tokenizer: one prepared dataset for both variants.
   common.prepare_shared(configs["random"], root)
@@ -189,7 +212,7 @@ def main():
   print(table)
   total_seconds = time.perf_counter() - started
   common.write_json(args.out, {
-      **meta, "experiment": "pretrained_init", "args": vars(args), "catalogue": CATALOGUE,
+      **meta, "experiment": "pretrained_init", "args": vars(args), "catalogue": catalogue_fields,
       "base_config": "configs/demo.py", "model_sizes": MINILM_SIZES, "seeds": seeds,
       "step_time": step_time, "summary": summary, "table": table, "runs": runs,
       "total_seconds": total_seconds})
