@@ -5,20 +5,20 @@
 Both steps share the encoder (`mtl_jax.model.Encoder`, same sizes, same initial parameters), the
 batch, dropout, gradient clipping and AdamW hyper-parameters. They differ in the heads:
 
-  stacked: `Trainer.train_step`: one [T, H, C] head array applied per example by gather, and
-           the row-wise AdamW that updates only the heads of tasks in the batch.
+  stacked: `steps.train_step` (the real one, `steps.jitted_train_step`): one [T, H, C] head
+           array applied per example by gather, and the row-wise AdamW that updates only the
+           heads of tasks in the batch.
   loop:    one `nn.Dense(num_classes[t])` per task in a dict, a Python loop over ALL tasks in
            the loss (each head scores every example; examples of other tasks are masked out of
            its cross-entropy), and `optax.adamw` over every parameter. The loop is unrolled
            when traced, so the program, and its compile time, grows with the number of tasks.
 
 Compile time is `lower(...).compile()`; step time is the median over `--steps` steps, each
-awaited, the two steps taking turns batch by batch (so a shared machine's load falls on both). Prints a table and writes benchmarks/results/heads_vs_loop.json.
+awaited, the two steps taking turns batch by batch (so a shared machine's load falls on both).
+Prints a table and writes benchmarks/results/heads_vs_loop.json.
 """
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -30,19 +30,20 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from benchmarks.common import long_tailed_classes, make_batches  # noqa: E402
-from mtl_jax import optim, sharding, train  # noqa: E402
+from mtl_jax import optim, steps  # noqa: E402
 from mtl_jax.model import Encoder, ModelSpec  # noqa: E402
-from tests.helpers import tiny_config  # noqa: E402
 
 IMAGE_DIM, MAX_IMAGES, VOCAB = 32, 3, 1000
 
 
 def make_config(args):
-  return tiny_config(**{"model.hidden_size": args.hidden, "model.mlp_size": 4 * args.hidden,
-                        "model.num_layers": args.layers, "model.num_heads": 4,
-                        "model.max_classes": args.max_classes, "batch_size": args.batch_size,
-                        "data.max_text_len": args.text_len})
+  return common.set_fields(common.load_config("demo:tiny"), {
+      "total_steps": 50, "model.hidden_size": args.hidden, "model.mlp_size": 4 * args.hidden,
+      "model.num_layers": args.layers, "model.num_heads": 4,
+      "model.max_classes": args.max_classes, "batch_size": args.batch_size,
+      "data.max_text_len": args.text_len})
 
 
 def make_spec(config):
@@ -129,14 +130,14 @@ def measure(num_tasks, args):
   config = make_config(args)
   spec = make_spec(config)
   num_classes = long_tailed_classes(num_tasks, args.max_classes)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  trainer = train.Trainer(config, spec, num_classes, mesh)
-  batches = [trainer.global_batch(b) for b in make_batches(
+  model = common.make_model(config, spec, num_classes)
+  batches = [model.global_batch(b) for b in make_batches(
       args.steps + 2, spec, args.batch_size, num_classes)]
 
-  state = trainer.create_state(jax.random.key(0))
+  state = model.create_state(jax.random.key(0))
   encoder_params = jax.tree.map(jnp.copy, state.params["encoder"])  # The loop starts alike.
-  stacked_step, stacked_compile = compile_step(trainer.jitted_train_step(1), state, batches[0])
+  stacked_step, stacked_compile = compile_step(steps.jitted_train_step(model, 1), state,
+                                               batches[0])
   init, loop_step = loop_train_step_fn(config, spec, num_classes)
   loop_state = jax.jit(init)(encoder_params, jax.random.key(1))
   loop_step, loop_compile = compile_step(jax.jit(loop_step, donate_argnums=0), loop_state,
@@ -168,9 +169,9 @@ def main():
   parser.add_argument("--layers", type=int, default=2)
   parser.add_argument("--text_len", type=int, default=32)
   parser.add_argument("--max_classes", type=int, default=128)
-  parser.add_argument("--out", default="benchmarks/results/heads_vs_loop.json")
+  parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "heads_vs_loop.json"))
   args = parser.parse_args()
-  load_before = os.getloadavg()
+  meta = common.run_metadata()
   rows = [measure(int(t), args) for t in args.tasks.split(",")]
   print(f"{'tasks':>6} {'stacked ms':>10} {'loop ms':>9} {'loop/stacked':>12} "
         f"{'stacked compile s':>17} {'loop compile s':>14} {'loop/stacked':>12}")
@@ -178,13 +179,7 @@ def main():
     print(f"{r['tasks']:>6} {r['stacked_step_ms']:>10.1f} {r['loop_step_ms']:>9.1f} "
           f"{r['loop_over_stacked_step']:>12.2f} {r['stacked_compile_s']:>17.1f} "
           f"{r['loop_compile_s']:>14.1f} {r['loop_over_stacked_compile']:>12.1f}")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"args": vars(args), "device": str(jax.devices()[0]),
-               "backend": jax.default_backend(), "machine": platform.machine(),
-               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-               "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-               "rows": rows}, f, indent=1)
+  common.write_result(args.out, meta, args=vars(args), device=str(jax.devices()[0]), rows=rows)
 
 
 if __name__ == "__main__":

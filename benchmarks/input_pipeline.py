@@ -13,13 +13,11 @@ config's batch size, text length and model on this catalogue (so the model has t
   step + input:  the train step fed by `TrainBatches` as `train_and_evaluate` feeds it (its
                  prefetch thread), both sharing this machine's cores.
 
-Times are medians over batches/steps, each step awaited; the last two kinds of step take turns. Prints a table and writes
-benchmarks/results/input_pipeline.json.
+Times are medians over batches/steps, each step awaited; the last two kinds of step take turns.
+Prints a table and writes benchmarks/results/input_pipeline.json.
 """
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -29,8 +27,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from benchmarks.common import load_config  # noqa: E402
-from mtl_jax import input_pipeline, sharding, train  # noqa: E402
+from mtl_jax import input_pipeline, prepare, steps  # noqa: E402
+from mtl_jax import state as state_lib  # noqa: E402
 
 
 def measure(name, catalogue, tokenizer, args):
@@ -48,12 +48,11 @@ def measure(name, catalogue, tokenizer, args):
       pipeline_s.append(time.perf_counter() - start)
 
   table = catalogue.task_table
-  spec = train.model_spec(config, table, len(tokenizer))
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  trainer = train.Trainer(config, spec, train.trained_num_classes(table.num_classes, 0), mesh)
-  state = trainer.create_state(jax.random.key(0))
-  step_fn = trainer.jitted_train_step(1)
-  device_batches = [trainer.global_batch(b) for b in prepared]
+  spec = state_lib.model_spec(config, table, len(tokenizer))
+  model = common.make_model(config, spec, state_lib.trained_num_classes(table.num_classes, 0))
+  state = model.create_state(jax.random.key(0))
+  step_fn = steps.jitted_train_step(model, 1)
+  device_batches = [model.global_batch(b) for b in prepared]
   for b in device_batches[:2]:  # Compile and warm up.
     state, _ = step_fn(state, b)
   jax.block_until_ready(state)
@@ -61,7 +60,7 @@ def measure(name, catalogue, tokenizer, args):
   # Steps on prepared batches take turns with steps fed as the training loop feeds them (the
   # iterator's prefetch thread running beside), so a shared machine's load falls on both.
   fed = input_pipeline.TrainBatches(catalogue, tokenizer, config, len(prepared))
-  state, _ = step_fn(state, trainer.global_batch(next(fed)))  # Starts the thread.
+  state, _ = step_fn(state, model.global_batch(next(fed)))  # Starts the thread.
   jax.block_until_ready(state)
   step_s, fed_s = [], []
   try:
@@ -71,7 +70,7 @@ def measure(name, catalogue, tokenizer, args):
       jax.block_until_ready(state)
       step_s.append(time.perf_counter() - start)
       start = time.perf_counter()
-      state, _ = step_fn(state, trainer.global_batch(next(fed)))
+      state, _ = step_fn(state, model.global_batch(next(fed)))
       jax.block_until_ready(state)
       fed_s.append(time.perf_counter() - start)
   finally:
@@ -100,12 +99,13 @@ def main():
                       help="Catalogue, prepared data and tokenizer; reused when present.")
   parser.add_argument("--batches", type=int, default=100)
   parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--out", default="benchmarks/results/input_pipeline.json")
+  parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "input_pipeline.json"))
   args = parser.parse_args()
-  load_before = os.getloadavg()
+  meta = common.run_metadata()
   start = time.perf_counter()
-  catalogue, tokenizer = train.prepare_data(load_config(args.catalogue_config),
-                                            epath.Path(args.workdir))
+  workdir = epath.Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  catalogue, tokenizer = prepare.prepare_data(load_config(args.catalogue_config), workdir)
   prepare_s = time.perf_counter() - start
   rows = [measure(name, catalogue, tokenizer, args) for name in args.configs.split(",")]
   print(f"catalogue: {catalogue.task_table.num_tasks} tasks, "
@@ -118,16 +118,11 @@ def main():
           f"{str(r['hidden']) + ' x ' + str(r['layers']):>15} "
           f"{r['pipeline_examples_per_s']:>13.0f} {r['step_examples_per_s']:>9.0f} "
           f"{r['pipeline_over_step']:>13.2f} {r['fed_examples_per_s']:>15.0f}")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"args": vars(args), "device": str(jax.devices()[0]),
-               "backend": jax.default_backend(), "machine": platform.machine(),
-               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-               "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-               "catalogue": {"tasks": int(catalogue.task_table.num_tasks),
-                             "train_records": len(catalogue.sources["train"]),
-                             "vocabulary": len(tokenizer), "prepare_s": prepare_s},
-               "rows": rows}, f, indent=1)
+  common.write_result(args.out, meta, args=vars(args), device=str(jax.devices()[0]),
+                      catalogue={"tasks": int(catalogue.task_table.num_tasks),
+                                 "train_records": len(catalogue.sources["train"]),
+                                 "vocabulary": len(tokenizer), "prepare_s": prepare_s},
+                      rows=rows)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ benchmarks/results/mesh_overhead.json.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import common  # noqa: E402
 from benchmarks.common import load_config, make_batches  # noqa: E402
 
 LAYOUTS = (("1 device", 1, 1), ("data=8", 8, 1), ("data=4 x model=2", 4, 2))
@@ -39,17 +39,13 @@ def worker(names, steps):
   """In the 8-device process: every layout of every config; returns the rows."""
   import jax
   import numpy as np
-  from mtl_jax import sharding, train
-  from mtl_jax.model import ModelSpec
+  from mtl_jax import steps as steps_lib
   assert jax.device_count() == 8, jax.devices()
   rows = []
   for name in names:
     config = load_config(name)
     m, d = config.model, config.data
-    spec = ModelSpec(vocab_size=d.vocab_size, max_positions=d.max_text_len,
-                     image_dim=d.synthetic.image_dim, max_images=d.synthetic.max_images,
-                     hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                     mlp_size=m.mlp_size, dropout=m.dropout)
+    spec = common.spec_from_config(config)
     rng = np.random.default_rng(0)
     num_classes = rng.integers(2, m.max_classes + 1, d.synthetic.num_tasks).astype(np.int32)
     batches = make_batches(steps + 2, spec, config.batch_size, num_classes)
@@ -57,14 +53,14 @@ def worker(names, steps):
     for layout, data, model in LAYOUTS:
       config.mesh.data, config.mesh.model = data, model
       devices = jax.devices()[:data * model]
-      trainer = train.Trainer(config, spec, num_classes, sharding.make_mesh(config.mesh, devices))
-      state = trainer.create_state(jax.random.key(0))
-      step = trainer.jitted_train_step(1)
-      runs.append({"layout": layout, "trainer": trainer, "state": state, "step": step,
+      model = common.make_model(config, spec, num_classes, devices)
+      state = model.create_state(jax.random.key(0))
+      step = steps_lib.jitted_train_step(model, 1)
+      runs.append({"layout": layout, "model": model, "state": state, "step": step,
                    "losses": [], "times": []})
     for i, batch in enumerate(batches):
       for run in runs:
-        global_batch = run["trainer"].global_batch(batch)
+        global_batch = run["model"].global_batch(batch)
         start = time.perf_counter()
         run["state"], metrics = run["step"](run["state"], global_batch)
         jax.block_until_ready(run["state"])  # One collective program in flight.
@@ -99,7 +95,7 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--configs", default="demo,mtl100:cpu")
   parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--out", default="benchmarks/results/mesh_overhead.json")
+  parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "mesh_overhead.json"))
   parser.add_argument("--worker", default="", help="Internal: write the rows to this file.")
   args = parser.parse_args()
   names = args.configs.split(",")
@@ -108,7 +104,7 @@ def main():
       json.dump(worker(names, args.steps), f)
     return
 
-  load_before = os.getloadavg()
+  meta = common.run_metadata()
   rows_file = args.out + ".rows.tmp"
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
@@ -128,13 +124,9 @@ def main():
     print(f"{r['config']:<11} {r['layout']:<17} {r['batch_size']:>5} {r['step_ms']:>8.1f} "
           f"{r['overhead_vs_one_device']:>10.2f} {r['max_abs_loss_diff']:>15.2e} "
           f"{r['max_abs_param_diff']:>16.2e}")
-  with open(args.out, "w") as f:
-    json.dump({"args": vars(args), "device": "8 fake CPU devices "
-               "(--xla_force_host_platform_device_count=8)", "backend": "cpu",
-               "machine": platform.machine(), "cpus": os.cpu_count(),
-               "date": time.strftime("%Y-%m-%d"),
-               "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-               "rows": rows}, f, indent=1)
+  common.write_result(args.out, meta, args=vars(args),
+                      device="8 fake CPU devices (--xla_force_host_platform_device_count=8)",
+                      xla_flags=env["XLA_FLAGS"], rows=rows)
 
 
 if __name__ == "__main__":

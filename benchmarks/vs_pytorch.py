@@ -1,69 +1,103 @@
-"""Our whole train step versus the same model written the usual PyTorch way, on one CPU.
+"""Our whole train step versus the same model written the usual PyTorch way, on the same CPUs.
 
-  python benchmarks/vs_pytorch.py [--configs mtl100:cpu,mtl100] [--batch_size 64] [--steps 10]
+  python benchmarks/vs_pytorch.py [--cases mtl100:cpu,mtl100,issue14.6:10,...] [--steps 30]
+                                  [--repeats 3] [--cpus 0,1] [--torch_variants default,passive]
 
-Same sizes (each config's model, task count, text length, images), same batches, same
-optimiser hyper-parameters, one process, run one after the other.
+Cases (same sizes, same batches, same optimiser hyper-parameters on both sides):
 
-  ours:    `Trainer.train_step` under `jax.jit` (stacked heads, row-wise AdamW on the heads of
-           the tasks in the batch, optax AdamW on the encoder).
-  PyTorch: `transformers.BertModel` of the same sizes fed `inputs_embeds`: the word embeddings
-           of the text followed by the images through an `nn.Linear` projection, token type 0
-           for text and 1 for images, the padding mask of both; its pooler output goes to an
-           `nn.ModuleList` of per-task `nn.Linear` heads (each of its task's width), applied by
-           a Python loop over the tasks present in the batch; `torch.optim.AdamW` (whose step
-           skips parameters without a gradient, so absent heads are left alone) and gradient
-           clipping. Attention-probability dropout is off, as in our encoder.
+  mtl100:cpu, mtl100  each config's encoder (2 x 64 and the MiniLM-sized 6 x 384; random init,
+                      CLS pooling), its 100 tasks with long-tailed class counts (2..64), 64 text
+                      tokens + 4 images of 64, batch 64 (`--batch_size`), tasks drawn uniformly.
+  issue14.6:T         the shapes of issue 14.6: 2 layers x 128 hidden (2 attention heads, MLP
+                      512), text 32 + 2 image tokens (images of 64), batch 64, vocabulary 30,522,
+                      T tasks with long-tailed class counts up to 64, a Zipf task mix (task t
+                      drawn with probability ~ 1/(t+1)), AdamW with clipping, dropout 0.1.
 
-Torch runs with `torch.set_num_threads(--torch_threads)` (a list gives one timed pass per count),
-JAX on its CPU backend. Step time is the median over `--steps` steps after warm-up, each awaited;
-the two steps take turns batch by batch, so a shared machine's load falls on both alike. (On a
-loaded 2-core machine, 2 torch threads can be many times slower than 1: OpenMP threads
-spin-waiting for a core; pass `--torch_threads 1,2` to see it, and `OMP_WAIT_POLICY=PASSIVE`
-in the environment to remove it.) Prints a table and writes
-benchmarks/results/vs_pytorch.json.
+  ours:     `steps.jitted_train_step` (stacked heads, row-wise AdamW on the head rows of the
+            tasks in the batch, optax AdamW on the encoder), JAX's CPU backend.
+  PyTorch:  benchmarks/torch_model.py: `transformers.BertModel` + `nn.ModuleList` of per-task
+            `nn.Linear` heads looped over the tasks in the batch, fused `torch.optim.AdamW`
+            (CPU fused AdamW; foreach where unavailable), gradient clipping.
+
+Fairness: each side runs in its own subprocess pinned to the same CPU set (`--cpus`, default
+every CPU this process may use) with `os.sched_setaffinity` as its first statement, before
+numpy, JAX or torch start any thread (what `taskset -c` does). JAX/XLA sizes its CPU thread
+pools from the affinity mask (checked: the worker records how many `tf_XLAEigen` threads it
+has); with a one-CPU set `--xla_cpu_multi_thread_eigen=false`
+is added to XLA_FLAGS (XLA has no intra-op thread-count flag: TF's `intra_op_parallelism_threads`
+is not an XLA flag). PyTorch gets `torch.set_num_threads(len(cpus))` (and OMP_NUM_THREADS,
+MKL_NUM_THREADS). Torch variants (`--torch_variants`): `default` (the OpenMP wait policy torch
+ships with) and `passive` (`OMP_WAIT_POLICY=PASSIVE`: idle OpenMP threads sleep instead of
+spinning; on a shared, loaded machine spinning threads can wait for cores other jobs hold).
+"best torch" is the faster variant.
+
+The sides take turns: `--repeats` rounds of ours (`--steps` steps), torch, torch-passive, ours,
+...; both sides are built and warmed up (compilation, `--warmup` steps) before the first round
+and idle (blocked on a pipe) while the other runs. A side's time is the median over rounds of
+each round's median step time; every step is awaited. The load average is recorded before and
+after each case. Prints a table and writes benchmarks/results/vs_pytorch.json.
 """
 import argparse
 import json
 import os
-import platform
+import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.environ.get("VS_PYTORCH_CPUS"):  # A worker: pinned before numpy, JAX or torch start.
+  os.sched_setaffinity(0, {int(c) for c in os.environ["VS_PYTORCH_CPUS"].split(",")})
 
-import jax  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
 import numpy as np  # noqa: E402
 
-from benchmarks.common import load_config, long_tailed_classes, make_batches  # noqa: E402
-from mtl_jax import sharding, train  # noqa: E402
-from mtl_jax.model import ModelSpec  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+DEFAULT_CASES = "mtl100:cpu,mtl100,issue14.6:10,issue14.6:1000,issue14.6:3000"
+ISSUE_14_6 = {"hidden": 128, "layers": 2, "heads": 2, "mlp": 512, "text_len": 32,
+              "max_images": 2, "image_dim": 64, "vocab": 30522, "max_classes": 64,
+              "batch_size": 64, "dropout": 0.1, "zipf_exponent": 1.0}
+PREFIX = "@@"
 
 
-def load_sized_config(name: str, batch_size: int):
-  config = load_config(name)
-  if batch_size:
-    config.batch_size = batch_size
-  return config
+def build_case(name: str, batch_size: int):
+  """(config, spec, num_classes, task_probs or None) of a case name."""
+  if name.startswith("issue14.6:"):
+    s = ISSUE_14_6
+    num_tasks = int(name.split(":")[1])
+    config = common.set_fields(common.load_config("demo"), {
+        "model.hidden_size": s["hidden"], "model.num_layers": s["layers"],
+        "model.num_heads": s["heads"], "model.mlp_size": s["mlp"],
+        "model.dropout": s["dropout"], "model.max_classes": s["max_classes"],
+        "data.max_text_len": s["text_len"], "data.vocab_size": s["vocab"],
+        "data.synthetic.num_tasks": num_tasks, "data.synthetic.image_dim": s["image_dim"],
+        "data.synthetic.max_images": s["max_images"], "batch_size": s["batch_size"]})
+    task_probs = common.zipf_task_probs(num_tasks, s["zipf_exponent"])
+  else:
+    config = common.load_config(name)
+    config.model.pooling = "cls"  # BertModel's pooler; the spec below is random-init anyway.
+    if batch_size:
+      config.batch_size = batch_size
+    task_probs = None
+  spec = common.spec_from_config(config)
+  num_classes = common.long_tailed_classes(config.data.synthetic.num_tasks,
+                                           config.model.max_classes)
+  return config, spec, num_classes, task_probs
 
 
-def make_spec(config) -> ModelSpec:
-  m, d = config.model, config.data
-  return ModelSpec(vocab_size=d.vocab_size, max_positions=d.max_text_len,
-                   image_dim=d.synthetic.image_dim, max_images=d.synthetic.max_images,
-                   hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                   mlp_size=m.mlp_size, dropout=m.dropout)
+# --- Workers: one side each, in its own pinned process ---------------------------------------
 
-
-def build_ours(config, spec, num_classes, batches):
-  """Compiles our step; returns (run(i): one awaited step on batch i -> loss, info)."""
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  trainer = train.Trainer(config, spec, num_classes, mesh)
-  state = trainer.create_state(jax.random.key(0))
-  device_batches = [trainer.global_batch(b) for b in batches]
+def _ours(config, spec, num_classes, batches):
+  import jax  # pylint: disable=g-import-not-at-top
+  from mtl_jax import steps  # pylint: disable=g-import-not-at-top
+  model = common.make_model(config, spec, num_classes)
+  state = model.create_state(jax.random.key(0))
+  device_batches = [model.global_batch(b) for b in batches]
   start = time.perf_counter()
-  step = trainer.jitted_train_step(1).lower(state, device_batches[0]).compile()
-  info = {"compile_s": time.perf_counter() - start,
+  step = steps.jitted_train_step(model, 1).lower(state, device_batches[0]).compile()
+  info = {"compile_s": time.perf_counter() - start, "jax": jax.__version__,
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "encoder_params": int(sum(x.size for x in jax.tree.leaves(state.params["encoder"]))),
           "head_params": int(sum(x.size for x in jax.tree.leaves(
               state.params["tasks"]["heads"])))}
@@ -72,138 +106,208 @@ def build_ours(config, spec, num_classes, batches):
   def run(i):
     holder[0], metrics = step(holder[0], device_batches[i])
     jax.block_until_ready(holder[0])
-    return metrics["loss"]
+    return float(metrics["loss"])
 
   return run, info
 
 
-def build_torch(config, spec, num_classes, batches):
-  """The PyTorch model and optimiser; returns (run(i), info) like `build_ours`."""
-  import torch  # Local: only this benchmark needs it.
-  import transformers
-  from torch import nn
+def _torch(config, spec, num_classes, batches, threads):
+  import torch  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_model  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
   torch.manual_seed(0)
-
-  class TorchMultiTask(nn.Module):
-    def __init__(self):
-      super().__init__()
-      bert_config = transformers.BertConfig(
-          vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-          num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-          intermediate_size=spec.mlp_size, hidden_act="gelu",
-          hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=0.0,
-          max_position_embeddings=spec.max_positions + spec.max_images, type_vocab_size=2,
-          layer_norm_eps=spec.layer_norm_eps)
-      self.bert = transformers.BertModel(bert_config)
-      self.image_projection = nn.Linear(spec.image_dim, spec.hidden_size)
-      self.heads = nn.ModuleList(nn.Linear(spec.hidden_size, int(k)) for k in num_classes)
-
-    def forward(self, b):
-      text = self.bert.embeddings.word_embeddings(b["token_ids"])
-      images = self.image_projection(b["images"])
-      types = torch.cat([torch.zeros_like(b["token_ids"]),
-                         torch.ones_like(b["image_mask"])], dim=1)
-      mask = torch.cat([b["token_mask"], b["image_mask"]], dim=1)
-      pooled = self.bert(inputs_embeds=torch.cat([text, images], dim=1), attention_mask=mask,
-                         token_type_ids=types).pooler_output
-      loss = pooled.new_zeros(())
-      for t in torch.unique(b["task_id"]).tolist():
-        rows = (b["task_id"] == t).nonzero(as_tuple=True)[0]
-        loss = loss + nn.functional.cross_entropy(self.heads[t](pooled[rows]), b["label"][rows],
-                                                  reduction="sum")
-      return loss / b["task_id"].shape[0]
-
-  model = TorchMultiTask()
+  model = torch_model.TorchMultiTask(spec, num_classes)
   model.train()
-  opt = config.optimizer
-  optimizer = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, betas=(opt.b1, opt.b2),
-                                eps=opt.eps, weight_decay=opt.weight_decay)
-  as_torch = lambda b: {k: torch.from_numpy(v).long() if v.dtype == np.int32 else
-                        torch.from_numpy(v) for k, v in b.items()}
-  torch_batches = [as_torch(b) for b in batches]
-
-  def run(i):
-    optimizer.zero_grad(set_to_none=True)
-    loss = model(torch_batches[i])
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
-    optimizer.step()
-    return loss.detach()
-
-  encoder = sum(p.numel() for p in model.bert.parameters()) + sum(
-      p.numel() for p in model.image_projection.parameters())
-  info = {"encoder_params": int(encoder),
-          "head_params": int(sum(p.numel() for p in model.heads.parameters()))}
-  return run, info
+  optimizer, kind = torch_model.make_optimizer(model, config.optimizer)
+  step = torch_model.train_step_fn(model, optimizer, config.optimizer.clip_norm)
+  torch_batches = [torch_model.as_torch(b) for b in batches]
+  info = {**model.param_counts(), "optimizer": f"torch.optim.AdamW ({kind})",
+          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
+  return (lambda i: float(step(torch_batches[i]))), info
 
 
-def time_interleaved(runs, count, warmup=2):
-  """Each run in turn on every batch, so a shared machine's load falls on all alike."""
-  times = [[] for _ in runs]
-  losses = [None] * len(runs)
-  for i in range(count):
-    for j, run in enumerate(runs):
+def _thread_counts() -> dict:
+  counts = {}
+  for tid in os.listdir("/proc/self/task"):
+    try:
+      with open(f"/proc/self/task/{tid}/comm") as f:
+        name = f.read().strip().split("/")[0]
+    except OSError:
+      continue
+    counts[name] = counts.get(name, 0) + 1
+  return counts
+
+
+def worker(args):
+  config, spec, num_classes, task_probs = build_case(args.case, args.batch_size)
+  batches = common.make_batches(args.num_batches, spec, config.batch_size, num_classes,
+                                task_probs=task_probs)
+  start = time.perf_counter()
+  if args.worker == "ours":
+    run, info = _ours(config, spec, num_classes, batches)
+  else:
+    run, info = _torch(config, spec, num_classes, batches, len(os.sched_getaffinity(0)))
+  for i in range(args.warmup):
+    run(i)
+  info.update(build_and_warmup_s=time.perf_counter() - start,
+              affinity=sorted(os.sched_getaffinity(0)), threads=_thread_counts())
+  print(PREFIX + json.dumps(info), flush=True)
+  for line in sys.stdin:
+    command = line.split()
+    if not command or command[0] == "quit":
+      return
+    first, last = int(command[1]), int(command[2])
+    times, loss = [], None
+    for i in range(first, last):
       start = time.perf_counter()
-      losses[j] = float(run(i))
-      if i >= warmup:
-        times[j].append(time.perf_counter() - start)
-  return times, losses
+      loss = run(i)
+      times.append(time.perf_counter() - start)
+    print(PREFIX + json.dumps({"times": times, "loss": loss}), flush=True)
 
 
-def main():
+# --- The parent: starts the pinned workers and makes them take turns ---------------------------
+
+class Side:
+  def __init__(self, name, kind, case, cpus, env, args):
+    self.name = name
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={kind}", f"--case={case}",
+           f"--batch_size={args.batch_size}", f"--warmup={args.warmup}",
+           f"--num_batches={args.warmup + args.repeats * args.steps}"]
+    env = dict(env, VS_PYTORCH_CPUS=",".join(map(str, sorted(cpus))))
+    self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+    self.info = self._read()
+    self.round_ms, self.times, self.loss = [], [], None
+
+  def _read(self):
+    for line in self.proc.stdout:
+      if line.startswith(PREFIX):
+        return json.loads(line[len(PREFIX):])
+      sys.stderr.write(line)
+    raise RuntimeError(f"{self.name} worker exited with {self.proc.wait()} (its stderr above)")
+
+  def run(self, first, last):
+    self.proc.stdin.write(f"run {first} {last}\n")
+    self.proc.stdin.flush()
+    out = self._read()
+    self.times.append(out["times"])
+    self.round_ms.append(1e3 * float(np.median(out["times"])))
+    self.loss = out["loss"]
+
+  def close(self):
+    try:
+      self.proc.stdin.write("quit\n")
+      self.proc.stdin.close()
+    except (BrokenPipeError, ValueError):
+      pass
+    self.proc.wait(timeout=120)
+
+
+def side_envs(cpus, variants):
+  """(name, worker kind, environment) of every side."""
+  base = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  base.pop("OMP_WAIT_POLICY", None)
+  ours = dict(base)
+  if len(cpus) == 1:
+    ours["XLA_FLAGS"] = (ours.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+  threads = str(len(cpus))
+  torch_env = dict(base, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+  sides = [("ours", "ours", ours)]
+  for v in variants:
+    if v == "default":
+      sides.append(("torch", "torch", torch_env))
+    elif v == "passive":
+      sides.append(("torch_passive", "torch", dict(torch_env, OMP_WAIT_POLICY="PASSIVE")))
+    else:
+      raise ValueError(f"--torch_variants: unknown variant {v!r}; use default, passive")
+  return sides
+
+
+def measure(case, cpus, args):
+  config, spec, num_classes, _ = build_case(case, args.batch_size)
+  load_before = common.load_average()
+  sides = []
+  try:
+    for name, kind, env in side_envs(cpus, args.torch_variants.split(",")):
+      sides.append(Side(name, kind, case, cpus, env, args))  # Built one after the other.
+    for r in range(args.repeats):
+      first = args.warmup + r * args.steps
+      for side in sides:
+        side.run(first, first + args.steps)
+  finally:
+    for side in sides:
+      side.close()
+  load_after = common.load_average()
+  row = {"case": case, "tasks": len(num_classes), "batch_size": config.batch_size,
+         "hidden": spec.hidden_size, "layers": spec.num_layers,
+         "tokens": spec.max_positions + spec.max_images, "vocab": spec.vocab_size,
+         "max_classes": int(config.model.max_classes),
+         "task_mix": "zipf" if case.startswith("issue14.6") else "uniform",
+         "cpus": sorted(cpus), "load_average_before_after": [load_before, load_after],
+         "sides": {}}
+  for side in sides:
+    step_s = float(np.median(side.round_ms)) / 1e3
+    row["sides"][side.name] = {**side.info, "step_ms": 1e3 * step_s,
+                               "round_ms": side.round_ms,
+                               "examples_per_s": config.batch_size / step_s,
+                               "last_loss": side.loss, "step_s": side.times}
+  torch_sides = {k: v for k, v in row["sides"].items() if k != "ours"}
+  if torch_sides:
+    best = max(torch_sides, key=lambda k: torch_sides[k]["examples_per_s"])
+    row["best_torch"] = best
+    row["ours_over_best_torch"] = (row["sides"]["ours"]["examples_per_s"]
+                                   / torch_sides[best]["examples_per_s"])
+  print(f"[{case}: " + ", ".join(f"{k} {v['examples_per_s']:.1f} ex/s"
+                                 for k, v in row["sides"].items())
+        + f"; load {load_before[0]} -> {load_after[0]}]", flush=True)
+  return row
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument("--configs", default="mtl100:cpu,mtl100")
-  parser.add_argument("--batch_size", type=int, default=64, help="0: each config's own.")
-  parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--torch_threads", default="2",
-                      help="Comma-separated torch thread counts, each its own timed pass.")
-  parser.add_argument("--out", default="benchmarks/results/vs_pytorch.json")
-  args = parser.parse_args()
-  load_before = os.getloadavg()
-  import torch  # Local: only this benchmark needs it.
-  rows = []
-  for name in args.configs.split(","):
-    config = load_sized_config(name, args.batch_size)
-    spec = make_spec(config)
-    num_classes = long_tailed_classes(config.data.synthetic.num_tasks, config.model.max_classes)
-    batches = make_batches(args.steps + 2, spec, config.batch_size, num_classes)
-    ours, ours_info = build_ours(config, spec, num_classes, batches)
-    theirs, torch_info = build_torch(config, spec, num_classes, batches)
-    for threads in [int(t) for t in args.torch_threads.split(",")]:
-      torch.set_num_threads(threads)
-      (ours_s, torch_s), (ours_loss, torch_loss) = time_interleaved(
-          [ours, theirs], args.steps + 2)
-      row = {"config": name, "tasks": len(num_classes), "batch_size": config.batch_size,
-             "hidden": spec.hidden_size, "layers": spec.num_layers,
-             "tokens": spec.max_positions + spec.max_images, "torch_threads": threads,
-             "ours": {**ours_info, "step_s": ours_s, "last_loss": ours_loss},
-             "torch": {**torch_info, "step_s": torch_s, "last_loss": torch_loss}}
-      for key, times in (("ours", ours_s), ("torch", torch_s)):
-        row[f"{key}_step_ms"] = 1e3 * float(np.median(times))
-        row[f"{key}_examples_per_s"] = config.batch_size / float(np.median(times))
-      row["ours_over_torch_throughput"] = (row["ours_examples_per_s"]
-                                           / row["torch_examples_per_s"])
-      print(f"[{name}, torch threads {threads}: {row['ours_examples_per_s']:.1f} vs "
-            f"{row['torch_examples_per_s']:.1f} examples/s]", flush=True)
-      rows.append(row)
-  print(f"{'config':<11} {'tasks':>5} {'batch':>5} {'hidden x layers':>15} "
-        f"{'encoder params (ours / torch)':>29} {'torch thr':>9} {'ours ex/s':>9} "
-        f"{'torch ex/s':>10} {'ours/torch':>10}")
+  parser.add_argument("--cases", default=DEFAULT_CASES)
+  parser.add_argument("--batch_size", type=int, default=64,
+                      help="Batch of the config cases (0: each config's own).")
+  parser.add_argument("--steps", type=int, default=30, help="Timed steps per side per round.")
+  parser.add_argument("--repeats", type=int, default=3, help="Rounds of every side in turn.")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--cpus", default="",
+                      help="Comma-separated CPU ids both sides are pinned to (default: all "
+                           "CPUs this process may use).")
+  parser.add_argument("--torch_variants", default="default,passive")
+  parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "vs_pytorch.json"))
+  parser.add_argument("--worker", default="", help="Internal: ours | torch.")
+  parser.add_argument("--case", default="", help="Internal: the worker's case.")
+  parser.add_argument("--num_batches", type=int, default=0, help="Internal.")
+  args = parser.parse_args(argv)
+  if args.worker:
+    worker(args)
+    return
+
+  cpus = ({int(c) for c in args.cpus.split(",")} if args.cpus
+          else set(os.sched_getaffinity(0)))
+  meta = common.run_metadata(None if argv is None else ["benchmarks/vs_pytorch.py", *argv])
+  rows = [measure(case, cpus, args) for case in args.cases.split(",")]
+  side_names = list(rows[0]["sides"])
+  table = []
   for r in rows:
-    print(f"{r['config']:<11} {r['tasks']:>5} {r['batch_size']:>5} "
-          f"{f'''{r['hidden']} x {r['layers']}''':>15} "
-          f"{f'''{r['ours']['encoder_params']:,} / {r['torch']['encoder_params']:,}''':>29} "
-          f"{r['torch_threads']:>9} {r['ours_examples_per_s']:>9.1f} "
-          f"{r['torch_examples_per_s']:>10.1f} "
-          f"{r['ours_over_torch_throughput']:>10.2f}")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump({"args": vars(args), "device": str(jax.devices()[0]),
-               "backend": jax.default_backend(), "machine": platform.machine(),
-               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
-               "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
-               "rows": rows}, f, indent=1)
+    for name in side_names:
+      s = r["sides"][name]
+      table.append([r["case"], r["tasks"], r["batch_size"], f"{r['hidden']} x {r['layers']}",
+                    r["tokens"], ",".join(map(str, r["cpus"])), name,
+                    s.get("torch_threads", "-") if name != "ours" else s["threads"].get(
+                        "tf_XLAEigen", "?"),
+                    f"{s['step_ms']:.1f}",
+                    f"{min(s['round_ms']):.0f}-{max(s['round_ms']):.0f}",
+                    f"{s['examples_per_s']:.1f}",
+                    f"{r['ours_over_best_torch']:.2f}" if name == "ours" and
+                    "ours_over_best_torch" in r else ""])
+  print(common.fmt_table(["case", "tasks", "batch", "hidden x layers", "tokens", "cpus", "side",
+                          "threads", "step ms", "rounds ms", "ex/s", "ours/best torch"], table))
+  common.write_result(args.out, meta, args=vars(args), cpus=sorted(cpus),
+                      issue_14_6_shapes=ISSUE_14_6, rows=rows)
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ marker is written, so a killed run never leaves a directory that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.resources
@@ -568,3 +569,68 @@ def generate_catalogue(out_dir: str | os.PathLike, cfg: Any,
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return stats
+
+
+def rename_tasks(out_dir: str | os.PathLike, prefix: str) -> None:
+  """Renames a generated catalogue's tasks `site0000`... to `<prefix>0000`... (tasks.json and
+  every record), e.g. to add a generated website to a model trained on another one."""
+  out_dir = Path(out_dir)
+  table = json.loads((out_dir / catalogue.TASKS_FILE).read_text())
+  names = {t["name"]: prefix + t["name"][len("site"):] for t in table["tasks"]}
+  for task in table["tasks"]:
+    task["name"] = names[task["name"]]
+  for split in catalogue.SPLITS:
+    path = out_dir / catalogue.split_file(split)
+    lines = []
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        record = json.loads(line)
+        record["task"] = names[record["task"]]
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.replace(path)
+  (out_dir / catalogue.TASKS_FILE).write_text(json.dumps(table, indent=1, ensure_ascii=False))
+
+
+def main(argv=None) -> None:
+  """Writes a synthetic catalogue (the `data.synthetic` section of a config) to a directory.
+
+    python -m mtl_jax.synthetic --config=configs/demo.py --out=new_site [--num_tasks=1]
+        [--seed=7] [--name_prefix=newsite]
+  """
+  from absl import flags
+  from ml_collections import config_flags
+
+  from mtl_jax import cli
+  args = cli.flag_values()
+  config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]); its "
+                                  "data.synthetic section is used.", flag_values=args)
+  flags.DEFINE_string("out", None, "The catalogue directory to write.", flag_values=args,
+                      required=True)
+  flags.DEFINE_integer("num_tasks", None, "Websites (default: the config's).", flag_values=args)
+  flags.DEFINE_integer("seed", None, "Generator seed (default: the config's).", flag_values=args)
+  flags.DEFINE_string("name_prefix", "site", "Task names are <prefix>0000, <prefix>0001, ...",
+                      flag_values=args)
+  cli.parse(args, argv, "python -m mtl_jax.synthetic")
+  if args.config is None:
+    raise flags.ValidationError("--config is required (e.g. --config=configs/demo.py).")
+  cfg = args.config.data.synthetic
+  with cfg.unlocked() if hasattr(cfg, "unlocked") else contextlib.nullcontext():
+    if args.num_tasks is not None:
+      cfg.num_tasks = args.num_tasks
+    if args.seed is not None:
+      cfg.seed = args.seed
+  if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", args.name_prefix):
+    raise flags.ValidationError(f"--name_prefix={args.name_prefix!r}: use letters, digits, _ "
+                                "and -, starting with a letter.")
+  stats = generate_catalogue(args.out, cfg)
+  if args.name_prefix != "site":
+    rename_tasks(args.out, args.name_prefix)
+  print(f"{args.out}: {stats['num_tasks']} tasks, "
+        f"{', '.join(f'{n} {s}' for s, n in stats['products'].items())} products", flush=True)
+
+
+if __name__ == "__main__":
+  from mtl_jax import cli as _cli
+  _cli.run(main)
