@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from configs.common import set_fields  # noqa: F401  (re-exported for the scripts)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
@@ -74,19 +76,6 @@ def load_config(name: str):
   """"demo" or "mtl100:cpu" -> that config file's ConfigDict."""
   module, _, variant = name.partition(":")
   return importlib.import_module(f"configs.{module}").get_config(variant)
-
-
-def set_fields(config, overrides: dict):
-  """Sets dotted fields (`{"model.hidden_size": 64}`) on a config, in place; returns it."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    if leaf not in node:
-      raise KeyError(f"config has no field {key!r}")
-    node[leaf] = value
-  return config
 
 
 def spec_from_config(config, *, vocab_size=None, image_dim=None, max_images=None):

@@ -34,6 +34,23 @@ def minilm(c):
   c.model.mlp_size = 1536
 
 
+def set_fields(config, overrides: dict):
+  """Sets dotted fields (`{"model.hidden_size": 64}`) on a config, in place; returns it.
+
+  Raises:
+    KeyError: a field the config does not define (a misspelt override).
+  """
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    if leaf not in node:
+      raise KeyError(f"config has no field {key!r}; see mtl_jax/config_base.py.")
+    node[leaf] = value
+  return config
+
+
 def schedule(c, total_steps, eval_every, checkpoint_every=None, log_every=None):
   c.total_steps = total_steps
   c.eval_every = eval_every

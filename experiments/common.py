@@ -27,6 +27,7 @@ import types
 import jax
 import numpy as np
 
+from configs.common import set_fields  # noqa: F401  (the experiments' one way to set fields)
 from mtl_jax import evaluation
 from mtl_jax import input_pipeline
 from mtl_jax import prepare
@@ -41,23 +42,6 @@ RESULTS_DIR = os.path.join(REPO_ROOT, "experiments", "results")
 # The line `train_and_evaluate` prints after each validation evaluation (evaluation.format_table).
 _VALIDATION_LINE = re.compile(r"^validation: \d+ tasks, mean accuracy ([0-9.]+|-)")
 _STEP_LINE = re.compile(r"^step (\d+)/\d+: loss")
-
-
-def set_fields(config, overrides: dict):
-  """Sets dotted fields (`{"model.hidden_size": 64}`) on a locked-or-not ConfigDict, in place.
-
-  Raises:
-    KeyError: a field the config does not define (a misspelt override).
-  """
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    if leaf not in node:
-      raise KeyError(f"config has no field {key!r}; see mtl_jax/config_base.py.")
-    node[leaf] = value
-  return config
 
 
 def run_metadata(argv=None) -> dict:

@@ -1,7 +1,7 @@
 """Small builders shared by the tests: a tiny model and random batches, no catalogue needed."""
 import numpy as np
 
-from configs import demo
+from configs import common, demo
 from mtl_jax import sharding, state
 from mtl_jax.model import ModelSpec
 
@@ -12,13 +12,7 @@ VOCAB = 50
 def tiny_config(**overrides):
   config = demo.get_config("tiny")
   config.total_steps = 50
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return common.set_fields(config, overrides)
 
 
 def tiny_model(config=None, num_classes=NUM_CLASSES, devices=None):
