@@ -231,10 +231,13 @@ def measure(case, cpus, args):
   try:
     for name, kind, env in side_envs(cpus, args.torch_variants.split(",")):
       sides.append(Side(name, kind, case, cpus, env, args))  # Built one after the other.
+      print(f"  {case}: {name} ready ({sides[-1].info['build_and_warmup_s']:.0f} s)", flush=True)
     for r in range(args.repeats):
       first = args.warmup + r * args.steps
       for side in sides:
         side.run(first, first + args.steps)
+      print(f"  {case}: round {r + 1}/{args.repeats}: " + ", ".join(
+          f"{side.name} {side.round_ms[-1]:.0f} ms" for side in sides), flush=True)
   finally:
     for side in sides:
       side.close()
@@ -288,7 +291,12 @@ def main(argv=None):
   cpus = ({int(c) for c in args.cpus.split(",")} if args.cpus
           else set(os.sched_getaffinity(0)))
   meta = common.run_metadata(None if argv is None else ["benchmarks/vs_pytorch.py", *argv])
-  rows = [measure(case, cpus, args) for case in args.cases.split(",")]
+  rows = []
+  for case in args.cases.split(","):
+    rows.append(measure(case, cpus, args))
+    # Written after every case: a run cut short keeps the cases it finished.
+    common.write_result(args.out, meta, args=vars(args), cpus=sorted(cpus),
+                        issue_14_6_shapes=ISSUE_14_6, complete=False, rows=rows)
   side_names = list(rows[0]["sides"])
   table = []
   for r in rows:
@@ -306,7 +314,7 @@ def main(argv=None):
   print(common.fmt_table(["case", "tasks", "batch", "hidden x layers", "tokens", "cpus", "side",
                           "threads", "step ms", "rounds ms", "ex/s", "ours/best torch"], table))
   common.write_result(args.out, meta, args=vars(args), cpus=sorted(cpus),
-                      issue_14_6_shapes=ISSUE_14_6, rows=rows)
+                      issue_14_6_shapes=ISSUE_14_6, complete=True, rows=rows)
   print(f"wrote {args.out}")
 
 
