@@ -50,6 +50,7 @@ def test_trains_evaluates_every_task_and_writes_the_report(catalogue_dir, tmp_pa
   assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(
     catalogue_dir, tmp_path, capsys):
   straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"

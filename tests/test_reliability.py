@@ -703,6 +703,7 @@ def test_a_lock_held_on_another_host_is_refused(catalogue_dir, tmp_path):
     train.train_and_evaluate(run_config(catalogue_dir), str(workdir))
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(catalogue_dir, tmp_path,
                                                                     capsys):
   workdir = tmp_path / "run"
@@ -772,6 +773,7 @@ def test_resume_with_a_changed_config_is_refused_with_a_diff(catalogue_dir, trai
   assert file_digests(workdir / "checkpoints") == before
 
 
+@pytest.mark.slow
 def test_resume_allows_more_steps_and_another_cadence(catalogue_dir, trained_workdir, tmp_path,
                                                       capsys):
   workdir = copy_workdir(trained_workdir, tmp_path)
@@ -859,6 +861,7 @@ def test_a_workdir_that_is_a_file_is_refused_at_the_start(catalogue_dir, tmp_pat
   assert compiles.events == []
 
 
+@pytest.mark.slow
 def test_skipped_records_and_an_empty_validation_split_are_said_on_the_console(
     catalogue_dir, tmp_path, capsys):
   bad_catalogue(catalogue_dir, tmp_path / "catalogue")
