@@ -343,9 +343,23 @@ def _truncate(path: Path):
   os.truncate(path, path.stat().st_size // 2)
 
 
-def _flip_middle_byte(path: Path):
+def _flip_byte_of_array(step_dir: Path, key: str = "params.tasks.heads.kernel"):
+  """Flips the middle byte of one saved array's value, wherever OCDBT placed it.
+
+  Which data file holds which array depends on write timing, so the location is read from the
+  OCDBT B-tree rather than guessed from file sizes.
+  """
+  import tensorstore as ts
+  base_dir = step_dir / "state" / "ocdbt.process_0"
+  base = ts.KvStore.open(f"file://{base_dir}/").result()
+  root = ts.ocdbt.dump(base).result()["versions"][-1]["root"]["location"]
+  entries = ts.ocdbt.dump(base, root).result()["entries"]
+  [location] = [e["indirect_value"] for e in entries
+                if e["key"].decode().split("/")[0] == key and "indirect_value" in e]
+  _, _, file_name, offset, length = location.split(":")
+  path = base_dir / file_name
   data = bytearray(path.read_bytes())
-  data[len(data) // 2] ^= 0xFF
+  data[int(offset) + int(length) // 2] ^= 0xFF
   path.write_bytes(bytes(data))
 
 
@@ -364,7 +378,7 @@ DAMAGE = {
     "meta_deleted": lambda d: (d / "meta" / "metadata").unlink(),
     "meta_garbled": lambda d: (d / "meta" / "metadata").write_text('{"data_iterator": {"ne'),
     # Orbax restores this one without an error (wrong numbers): the saved fingerprints catch it.
-    "array_byte_flipped": lambda d: _flip_middle_byte(_array_files(d)[-1]),
+    "array_byte_flipped": _flip_byte_of_array,
 }
 
 
@@ -403,7 +417,7 @@ def test_training_resumes_past_a_damaged_checkpoint_and_reproduces_it(
   workdir = copy_workdir(trained_workdir, tmp_path)
   newest = workdir / "checkpoints" / "6"
   original, _ = read_checkpoint(workdir, 6)
-  _flip_middle_byte(_array_files(newest)[-1])
+  _flip_byte_of_array(newest)
   capsys.readouterr()
   train.train_and_evaluate(run_config(catalogue_dir, checkpoint_every=3), str(workdir))
   out = capsys.readouterr().out
@@ -802,7 +816,7 @@ def test_hostile_task_names_map_to_directories_inside_the_workdir(name, tmp_path
 def damaged_run(trained_workdir, tmp_path):
   """A copy of the trained run whose newest checkpoint (6) has one flipped byte."""
   workdir = copy_workdir(trained_workdir, tmp_path)
-  _flip_middle_byte(_array_files(workdir / "checkpoints" / "6")[-1])
+  _flip_byte_of_array(workdir / "checkpoints" / "6")
   return workdir
 
 
