@@ -2,7 +2,8 @@
 
 A checkpoint at step s holds `state` (params, optimizer state, step, the task -> adapter map and
 class counts) and `meta` (data-iterator position, config, task table, adapter count, DyPa
-events, and a fingerprint of every state array). Saves are asynchronous and committed
+events, the best-checkpoint and early-stopping record of early_stopping.py, and a fingerprint of
+every state array). Saves are asynchronous and committed
 atomically by Orbax: a save cut short leaves only a `<step>.orbax-checkpoint-tmp*` directory,
 which listing ignores and the next save of that step replaces.
 
@@ -112,10 +113,14 @@ def _check_fingerprint(state, meta: dict, path: epath.Path) -> None:
 
 # --- Save and restore --------------------------------------------------------------------------
 
-def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False) -> bool:
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict, force: bool = False,
+         metrics: dict | None = None) -> bool:
+  """Saves `state` and `meta` at `step`; `metrics` (Orbax's, for a manager that keeps the best
+  checkpoint) rank this step against the others."""
   meta = {**meta, FINGERPRINT_KEY: state_fingerprint(state)}
   return mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force,
+      metrics=metrics)
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

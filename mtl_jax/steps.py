@@ -24,8 +24,9 @@ from mtl_jax.state import Model, TrainState, num_adapter_slots
 
 
 def forward(model: Model, encoder_params, task_params, batch, head_index, adapter_index,
-            adapter_active, *, rng=None, mix=None) -> jax.Array:
-  """Logits [B, C] of each example's own task head.
+            adapter_active, *, rng=None, mix=None, with_features: bool = False):
+  """Logits [B, C] of each example's own task head; with `with_features`, (logits, features
+  [B, H]: the pooled state as the head sees it, after the example's adapter).
 
   Args:
     model: the run's Model.
@@ -43,14 +44,23 @@ def forward(model: Model, encoder_params, task_params, batch, head_index, adapte
                                   rngs={} if rng is None else {"dropout": rng}, mix=mix)
   pooled = mix("pooled", pooled, None)
   return task_layers.apply_task_layers(task_params, pooled, head_index, adapter_index,
-                                       adapter_active)
+                                       adapter_active, with_features)
 
 
-def logits(model: Model, params, adapter_map, batch) -> jax.Array:
-  """[B, C] float32 logits of every example, with every task row available (inference)."""
+def logits(model: Model, params, adapter_map, batch, with_features: bool = False):
+  """[B, C] float32 logits of every example, with every task row available (inference); with
+  `with_features`, (logits, [B, H] float32 head inputs)."""
   slots = adapter_map[batch["task_id"]]
-  return forward(model, params["encoder"], params["tasks"], batch, batch["task_id"], slots,
-                 slots > 0).astype(jnp.float32)
+  out = forward(model, params["encoder"], params["tasks"], batch, batch["task_id"], slots,
+                slots > 0, with_features=with_features)
+  return jax.tree.map(lambda x: x.astype(jnp.float32), out)
+
+
+def model_labels(model: Model, batch) -> jax.Array:
+  """The batch's catalogue labels as head columns (`Model.label_map`; unchanged without one)."""
+  if model.label_map is None:
+    return batch["label"]
+  return jnp.asarray(model.label_map)[batch["task_id"], batch["label"]]
 
 
 def train_step(model: Model, state: TrainState, batch: dict):
@@ -63,6 +73,7 @@ def train_step(model: Model, state: TrainState, batch: dict):
   """
   config = model.config
   rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  batch = {**batch, "label": model_labels(model, batch)}
   task_ids = batch["task_id"]
   batch_size = task_ids.shape[0]
   tasks = state.params["tasks"]
@@ -152,10 +163,16 @@ def train_step(model: Model, state: TrainState, batch: dict):
   return new_state, metrics
 
 
-def eval_step(model: Model, params, adapter_map, batch) -> dict:
-  """Per-example outputs for evaluation (evaluation.evaluate_outputs): logits, label, task."""
-  return {"logits": logits(model, params, adapter_map, batch), "label": batch["label"],
-          "task_id": batch["task_id"], "example_mask": batch["example_mask"]}
+def eval_step(model: Model, params, adapter_map, batch, with_features: bool = False) -> dict:
+  """Per-example outputs for evaluation (evaluation.evaluate_outputs): logits, label (as a head
+  column), task, and with `with_features` the head inputs ("features")."""
+  out = {"label": model_labels(model, batch), "task_id": batch["task_id"],
+         "example_mask": batch["example_mask"]}
+  if with_features:
+    out["logits"], out["features"] = logits(model, params, adapter_map, batch, True)
+  else:
+    out["logits"] = logits(model, params, adapter_map, batch)
+  return out
 
 
 def predict_step(model: Model, params, adapter_map, num_classes, batch) -> jax.Array:
@@ -175,25 +192,25 @@ def _cached(model: Model, key, build):
 def jitted_train_step(model: Model, num_slots: int):
   """`train_step` under jit: state donated, in/out shardings from the config's rules."""
   def build():
-    state_sh = model.state_shardings(num_slots)
+    state_sh = model.state_shardings()
     return jax.jit(functools.partial(train_step, model), donate_argnums=0,
                    in_shardings=(state_sh, model.batch_sharding),
                    out_shardings=(state_sh, sharding.replicated(model.mesh)))
   return _cached(model, ("train", num_slots), build)
 
 
-def jitted_eval_step(model: Model, num_slots: int):
+def jitted_eval_step(model: Model, num_slots: int, with_features: bool = False):
   def build():
-    sh = model.state_shardings(num_slots)
-    return jax.jit(functools.partial(eval_step, model),
+    sh = model.state_shardings()
+    return jax.jit(functools.partial(eval_step, model, with_features=with_features),
                    in_shardings=(sh.params, sh.adapter_map, model.batch_sharding),
                    out_shardings=sharding.replicated(model.mesh))
-  return _cached(model, ("eval", num_slots), build)
+  return _cached(model, ("eval_features" if with_features else "eval", num_slots), build)
 
 
 def jitted_predict_step(model: Model, num_slots: int):
   def build():
-    sh = model.state_shardings(num_slots)
+    sh = model.state_shardings()
     return jax.jit(functools.partial(predict_step, model),
                    in_shardings=(sh.params, sh.adapter_map, sh.num_classes,
                                  model.batch_sharding),
@@ -201,23 +218,45 @@ def jitted_predict_step(model: Model, num_slots: int):
   return _cached(model, ("predict", num_slots), build)
 
 
-def evaluate(model: Model, params, adapter_map, local_batches) -> dict:
+def evaluate_batches(model: Model, params, adapter_map, local_batches,
+                     with_features: bool = False):
+  """Yields the outputs of each batch's real examples as numpy arrays (`eval_step`'s keys but
+  "example_mask"): a stream for consumers that need not hold a whole split (a feature fit)."""
+  step_fn = jitted_eval_step(model, params["tasks"]["adapters"]["up"].shape[0], with_features)
+  for local in local_batches:
+    out = jax.device_get(step_fn(params, adapter_map, model.global_batch(local)))
+    real = out.pop("example_mask").astype(bool)
+    yield {k: v[real] for k, v in out.items()}
+
+
+def evaluate(model: Model, params, adapter_map, local_batches,
+             with_features: bool = False) -> dict:
   """Outputs of the real examples of every batch, as numpy arrays (one evaluation loop).
 
   Args:
     local_batches: this process's slices of padded global batches carrying `example_mask`
       (input_pipeline.eval_batches, or any batches of the same form).
+    with_features: also return the head inputs (for feature-space unseen-class scores).
 
   Returns:
-    {"logits" [N, C] float32, "label" [N], "task_id" [N]} over the real examples.
+    {"logits" [N, C] float32, "label" [N] (head columns), "task_id" [N]} over the real
+    examples, and "features" [N, H] float32 with `with_features`.
   """
-  step_fn = jitted_eval_step(model, params["tasks"]["adapters"]["up"].shape[0])
-  parts = []
-  for local in local_batches:
-    parts.append(jax.device_get(step_fn(params, adapter_map, model.global_batch(local))))
+  parts = list(evaluate_batches(model, params, adapter_map, local_batches, with_features))
   if not parts:
-    return {"logits": np.zeros((0, model.config.model.max_classes), np.float32),
-            "label": np.zeros((0,), np.int32), "task_id": np.zeros((0,), np.int32)}
-  joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-  real = joined.pop("example_mask").astype(bool)
-  return {k: v[real] for k, v in joined.items()}
+    empty = {"logits": np.zeros((0, model.config.model.max_classes), np.float32),
+             "label": np.zeros((0,), np.int32), "task_id": np.zeros((0,), np.int32)}
+    if with_features:
+      empty["features"] = np.zeros((0, model.spec.hidden_size), np.float32)
+    return empty
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def fit_class_gaussians(model: Model, params, adapter_map, local_batches):
+  """The Mahalanobis score's class Gaussians (`metrics.TiedGaussianFit`, fitted), streamed over
+  batches of the train split: only per-task sums are held, never the split's features."""
+  from mtl_jax.evaluation import metrics  # Local: the steps need no evaluation code otherwise.
+  fit = metrics.TiedGaussianFit(model.num_classes, model.spec.hidden_size)
+  for out in evaluate_batches(model, params, adapter_map, local_batches, with_features=True):
+    fit.update(out["features"], out["label"], out["task_id"])
+  return fit.fit()

@@ -14,6 +14,7 @@ axis the given tree has), so the train step can pass just the rows of the tasks 
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Logical axis names of every task parameter; the config's sharding rules map them to the mesh.
 PARAM_AXES = {
@@ -27,10 +28,21 @@ PARAM_AXES = {
 }
 
 
+def _sampler(rng):
+  """(normal, zeros) drawing from a JAX key (the jitted initial state) or a NumPy Generator
+  (rows grown on the host between steps, which then needs no compiled initialiser)."""
+  if isinstance(rng, np.random.Generator):
+    return (lambda shape: rng.standard_normal(shape, np.float32),
+            lambda shape: np.zeros(shape, np.float32))
+  return (lambda shape: jax.random.normal(rng, shape, jnp.float32),
+          lambda shape: jnp.zeros(shape, jnp.float32))
+
+
 def init_heads(rng, num_tasks: int, hidden_size: int, max_classes: int) -> dict:
+  normal, zeros = _sampler(rng)
   return {
-      "kernel": 0.02 * jax.random.normal(rng, (num_tasks, hidden_size, max_classes), jnp.float32),
-      "bias": jnp.zeros((num_tasks, max_classes), jnp.float32),
+      "kernel": 0.02 * normal((num_tasks, hidden_size, max_classes)),
+      "bias": zeros((num_tasks, max_classes)),
   }
 
 
@@ -38,11 +50,12 @@ def init_adapters(rng, num_slots: int, hidden_size: int, adapter_size: int,
                   adapter_layers: int = 1) -> dict:
   """Adapter rows whose output projections are zero, so a new adapter is the identity."""
   n, k, h, r = num_slots, adapter_layers, hidden_size, adapter_size
+  normal, zeros = _sampler(rng)
   return {
-      "down": 0.02 * jax.random.normal(rng, (n, k, h, r), jnp.float32),
-      "down_bias": jnp.zeros((n, k, r), jnp.float32),
-      "up": jnp.zeros((n, k, r, h), jnp.float32),
-      "up_bias": jnp.zeros((n, k, h), jnp.float32),
+      "down": 0.02 * normal((n, k, h, r)),
+      "down_bias": zeros((n, k, r)),
+      "up": zeros((n, k, r, h)),
+      "up_bias": zeros((n, k, h)),
   }
 
 
@@ -77,8 +90,11 @@ def _gather(tree, index):
   return jax.tree.map(lambda x: jnp.take(x, index, axis=0), tree)
 
 
-def apply_task_layers(task_params, pooled, head_index, adapter_index, adapter_active):
+def apply_task_layers(task_params, pooled, head_index, adapter_index, adapter_active,
+                      with_features: bool = False):
   """pooled [B, H] -> logits [B, C] through each example's own adapter and head.
+
+  With `with_features`, returns (logits, the head's input [B, H]: pooled after the adapter).
 
   Args:
     task_params: {"heads": ..., "adapters": ...}, any number of rows each.
@@ -89,7 +105,8 @@ def apply_task_layers(task_params, pooled, head_index, adapter_index, adapter_ac
   """
   adapted = jax.vmap(_adapter)(_gather(task_params["adapters"], adapter_index), pooled)
   pooled = jnp.where(adapter_active[:, None], adapted, pooled)
-  return jax.vmap(_head)(_gather(task_params["heads"], head_index), pooled)
+  out = jax.vmap(_head)(_gather(task_params["heads"], head_index), pooled)
+  return (out, pooled) if with_features else out
 
 
 def class_mask(num_classes: jax.Array, task_ids: jax.Array, max_classes: int) -> jax.Array:

@@ -204,22 +204,55 @@ def load_tokenizer(directory: str | os.PathLike) -> transformers.PreTrainedToken
 
 
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# What BERT's normaliser does to ASCII text, besides lowercasing: drop control characters, and
+# turn tab and line breaks into spaces (its "clean text" step).
+_ASCII_CLEAN = {**_ASCII_CONTROL, **{ord(c): " " for c in "\t\n\r"}}
 
 
-def _backend(tokenizer: transformers.PreTrainedTokenizerFast, max_len: int):
+def _backend(tokenizer: transformers.PreTrainedTokenizerFast, max_len: int,
+             ascii_only: bool = False):
   """A copy of the tokenizer's Rust backend set to truncate and pad to `max_len` (cached).
 
   A copy, so that the caller's tokenizer keeps its own settings; the backend is read-only while
-  encoding, so threads may share it.
+  encoding, so threads may share it. `ascii_only`: the copy without its normaliser, for text
+  normalised beforehand by `_normalise_ascii` (None when the normaliser is not a lowercasing,
+  cleaning BERT normaliser, whose effect on ASCII that function reproduces).
   """
   per_len = _BACKENDS.setdefault(tokenizer, {})
-  if max_len not in per_len:
+  key = (max_len, ascii_only)
+  if key not in per_len:
     backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    if ascii_only:
+      from tokenizers import normalizers
+      norm = backend.normalizer
+      if not (isinstance(norm, normalizers.BertNormalizer) and norm.lowercase
+              and norm.clean_text and norm.strip_accents in (None, True)):
+        per_len[key] = None
+        return None
+      backend.normalizer = None
     backend.enable_truncation(max_len, strategy="longest_first")
     backend.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id,
                            pad_token=tokenizer.pad_token)
-    per_len[max_len] = backend
-  return per_len[max_len]
+    per_len[key] = backend
+  return per_len[key]
+
+
+def _added_tokens(tokenizer: transformers.PreTrainedTokenizerFast) -> tuple[str, ...]:
+  """The added (special) tokens' text, lowercased: text holding one is not pre-normalised,
+  because the backend finds added tokens before normalising ("[SEP]" but not "[sep]")."""
+  return tuple(sorted({t.content.lower() for t in
+                       tokenizer.backend_tokenizer.get_added_tokens_decoder().values()}))
+
+
+def _normalise_ascii(text: str, added: tuple[str, ...]) -> str | None:
+  """BERT's lowercasing normaliser on ASCII text (lowercase, controls dropped, tab/CR/LF ->
+  space), or None when the text is not ASCII or holds an added token."""
+  if not text.isascii():
+    return None
+  lower = text.lower()
+  if any(a in lower for a in added):
+    return None
+  return lower.translate(_ASCII_CLEAN)
 
 
 def encode_batch(tokenizer: transformers.PreTrainedTokenizerFast, titles: Sequence[str],
@@ -228,7 +261,9 @@ def encode_batch(tokenizer: transformers.PreTrainedTokenizerFast, titles: Sequen
 
   Same ids as `tokenizer(titles, descriptions, truncation="longest_first",
   padding="max_length", max_length=max_len)`, but through the Rust backend without offsets,
-  about twice as fast.
+  about twice as fast; and with a lowercasing BERT normaliser, ASCII pairs are normalised here
+  (two C string calls) and encoded without it, which halves the rest (the normaliser was half
+  of the encoding time). Other pairs go through the full backend.
 
   Returns:
     token_ids int32 [B, max_len] ([PAD] after the text) and token_mask int32 [B, max_len]
@@ -241,7 +276,26 @@ def encode_batch(tokenizer: transformers.PreTrainedTokenizerFast, titles: Sequen
   if len(titles) == 0:
     empty = np.zeros((0, max_len), np.int32)
     return empty, empty.copy()
-  encodings = _backend(tokenizer, max_len).encode_batch_fast(list(zip(titles, descriptions)))
+  pairs = list(zip(titles, descriptions))
+  fast = _backend(tokenizer, max_len, ascii_only=True)
+  if fast is None:
+    encodings = _backend(tokenizer, max_len).encode_batch_fast(pairs)
+  else:
+    added = _added_tokens(tokenizer)
+    normalised = [(_normalise_ascii(t, added), _normalise_ascii(d, added)) for t, d in pairs]
+    other_at = [i for i, (t, d) in enumerate(normalised) if t is None or d is None]
+    if not other_at:
+      encodings = fast.encode_batch_fast(normalised)
+    else:
+      other = set(other_at)
+      ascii_at = [i for i in range(len(pairs)) if i not in other]
+      encodings = [None] * len(pairs)
+      if ascii_at:
+        for i, e in zip(ascii_at, fast.encode_batch_fast([normalised[i] for i in ascii_at])):
+          encodings[i] = e
+      for i, e in zip(other_at, _backend(tokenizer, max_len).encode_batch_fast(
+          [pairs[i] for i in other_at])):
+        encodings[i] = e
   ids = np.array([e.ids for e in encodings], dtype=np.int32)
   mask = np.array([e.attention_mask for e in encodings], dtype=np.int32)
   return ids, mask

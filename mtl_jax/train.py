@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from mtl_jax import checkpointing
 from mtl_jax import config_base
 from mtl_jax import dypa
+from mtl_jax import early_stopping
 from mtl_jax import evaluation
 from mtl_jax import input_pipeline
 from mtl_jax import preemption
@@ -38,19 +39,48 @@ def _print(*args):
 
 def evaluate_split(model, state, catalogue, split: str, tokenizer, config,
                    with_skipped: bool = False) -> evaluation.SplitResult:
-  """Every task's metrics on one split of the catalogue."""
-  outputs = steps.evaluate(model, state.params, state.adapter_map, input_pipeline.eval_batches(
-      catalogue, split, tokenizer, config, jax.process_index(), jax.process_count()))
+  """Every task's metrics on one split of the catalogue. A report's evaluation
+  (`with_skipped`) with held-out classes also scores them by Mahalanobis distance, fitted on the
+  train split (one more pass over it)."""
+  batches = lambda s: input_pipeline.eval_batches(catalogue, s, tokenizer, config,
+                                                  jax.process_index(), jax.process_count())
+  fit = None
+  if with_skipped and np.any(model.num_classes < catalogue.task_table.num_classes):
+    fit = steps.fit_class_gaussians(model, state.params, state.adapter_map, batches("train"))
+  outputs = steps.evaluate(model, state.params, state.adapter_map, batches(split),
+                           with_features=fit is not None)
   skipped = ((catalogue.skipped.get(split, {}), catalogue.skipped.get("train", {}))
              if with_skipped else ())
   return evaluation.evaluate_outputs(catalogue.task_table, outputs, model.num_classes,
-                                     catalogue.num_examples("train"), *skipped)
+                                     catalogue.num_examples("train"), *skipped, feature_fit=fit)
 
 
 def _log_result(writer, step, split, result):
   writer.write_scalars(step, {f"{split}/{k}": v for k, v in result.summary.items()
                               if isinstance(v, (int, float))})
   _print(evaluation.format_table(split, result.rows, result.summary))
+
+
+def _final_state(config, model, mngr, tracker, state):
+  """The state the end-of-training reports read, and its step: the best checkpoint's with
+  `config.eval_on_best` (when one was recorded and still reads back), else the latest."""
+  step = int(state.step)
+  if not (tracker.enabled and config.eval_on_best) or tracker.best_step is None:
+    return state, step
+  if tracker.best_step == step:
+    _print(f"Final evaluation: the latest step is the best ({tracker.describe_best()}).")
+    return state, step
+  try:
+    meta = checkpointing.read_meta(mngr, tracker.best_step)
+    best = checkpointing.restore(mngr, tracker.best_step,
+                                 model.abstract_state(meta["num_adapter_slots"]), meta)
+  except Exception as e:  # A lost best checkpoint must not lose the run's reports.
+    _print(f"WARNING: the best checkpoint (step {tracker.best_step}) does not read back "
+           f"({' '.join(str(e).split())[:300]}); the reports use the latest, step {step}.")
+    return state, step
+  _print(f"Final evaluation on the best checkpoint: {tracker.describe_best()} (latest step "
+         f"{step}; config.eval_on_best=False reports the latest).")
+  return best, tracker.best_step
 
 
 def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) -> dict:
@@ -81,9 +111,11 @@ def _train(config, workdir, stop_at_step):
 
   mesh = sharding.make_mesh(config.mesh)
   spec = state_lib.model_spec(config, task_table, len(tokenizer))
-  model = state_lib.Model(config, spec, state_lib.trained_num_classes(
-      task_table.num_classes, config.eval.holdout_classes), mesh)
-  mngr = workdir_lib.checkpoint_manager(workdir, config.max_to_keep, create=True)
+  trained, class_order = state_lib.holdout_for(config, task_table)
+  model = state_lib.Model(config, spec, trained, mesh, class_order=class_order)
+  mngr = workdir_lib.checkpoint_manager(workdir, config.max_to_keep, create=True,
+                                        best_metric=config.best_metric,
+                                        best_mode=config.best_mode)
   restored = checkpointing.restore_latest(
       mngr, lambda meta: model.abstract_state(meta["num_adapter_slots"]),
       check_meta=lambda meta, path: workdir_lib.check_resume(meta, config, task_table, path))
@@ -95,7 +127,7 @@ def _train(config, workdir, stop_at_step):
                                              spec)
       state = state.replace(params={**state.params, "encoder": jax.device_put(
           encoder, model.state_shardings().params["encoder"])})
-    start_step, dypa_events = 0, []
+    start_step, dypa_events, meta = 0, [], {}
   else:
     start_step, state, meta = restored
     dypa_events = meta.get("dypa_events", [])
@@ -104,7 +136,9 @@ def _train(config, workdir, stop_at_step):
           f"Checkpoint {start_step} in {mngr.directory} holds data position "
           f"{meta['data_iterator']['next_step']}; it does not belong to this run.")
     _print(f"Resumed from step {start_step} ({mngr.directory / str(start_step)})")
-  train_sizes = catalogue.num_examples("train")
+  tracker, note = early_stopping.Tracker.from_config(config, meta.get(early_stopping.META_KEY))
+  if note:
+    _print(note)
 
   writer = metric_writers.create_default_writer(
       str(workdir), just_logging=jax.process_index() > 0)
@@ -121,8 +155,10 @@ def _train(config, workdir, stop_at_step):
             "task_table": task_table.to_json(),
             "num_adapter_slots": state_lib.num_adapter_slots(state),
             "num_tasks": model.num_tasks, "dypa_events": dypa_events,
-            "model_spec": dataclasses.asdict(spec)}
-    checkpointing.save(mngr, int(state.step), state, meta, force=True)
+            "model_spec": dataclasses.asdict(spec),
+            early_stopping.META_KEY: tracker.to_meta()}
+    checkpointing.save(mngr, int(state.step), state, meta, force=True,
+                       metrics=tracker.metrics(int(state.step)))
 
   def check_finite(step, metrics, task_ids):
     if np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]):
@@ -155,11 +191,16 @@ def _train(config, workdir, stop_at_step):
       history.append(done_metrics)
 
   last_summary = {}
+  final_validation = None  # The last step's validation result, when the tracker needed it.
   step = start_step
+  if tracker.should_stop():
+    _print(f"Stopped early at step {step} ({tracker.evals_without_improvement} validation "
+           f"evaluations without improvement, patience {tracker.patience}); nothing left to "
+           "train. Raise --config.early_stopping_patience to train on.")
   evaluations = step // config.eval_every  # Validation evaluations done so far in this run.
   started = time.time()
   try:
-    while step < config.total_steps:
+    while step < config.total_steps and not tracker.should_stop():
       if preemption.requested() and step == start_step:
         _print(f"Preempted before step {step + 1}: nothing new to save; run the same command "
                "to resume.")
@@ -182,11 +223,20 @@ def _train(config, workdir, stop_at_step):
                f"{(config.total_steps - step) / max(rate, 1e-9):.0f}s")
       evaluate_now = step % config.eval_every == 0 and step < config.total_steps
       allocate_now = dypa.is_due(config, step, evaluations + evaluate_now, evaluate_now)
-      if evaluate_now or allocate_now:
-        result = evaluate_split(model, state, catalogue, "validation", tokenizer, config)
+      # The last step's validation counts for the best checkpoint, so it is measured before
+      # that step is saved (and reused by the final reports).
+      final_eval = tracker.enabled and step == config.total_steps
+      improved = False
+      if evaluate_now or allocate_now or final_eval:
+        result = evaluate_split(model, state, catalogue, "validation", tokenizer, config,
+                                with_skipped=final_eval)
         evaluations += evaluate_now
         last_summary = result.summary
         _log_result(writer, step, "validation", result)
+        if evaluate_now or final_eval:
+          improved = tracker.update(step, result.summary, count=evaluate_now)
+        if final_eval:
+          final_validation = result
       if allocate_now:
         state, event = dypa.expand(model, state, result.rows, step)
         dypa_events.append(event)
@@ -200,8 +250,13 @@ def _train(config, workdir, stop_at_step):
         preemption.request()
       stopping = step < config.total_steps and (
           preemption.requested() or (stop_at_step is not None and stop_at_step <= step))
-      if step % config.checkpoint_every == 0 or step == config.total_steps or stopping:
+      stop_early = tracker.should_stop()
+      if (step % config.checkpoint_every == 0 or step == config.total_steps or stopping
+          or improved or stop_early):
         checkpoint(state)
+      if stop_early:
+        _print(tracker.stop_message(step))
+        break
       if stopping:
         mngr.wait_until_finished()
         if preemption.requested():
@@ -213,13 +268,17 @@ def _train(config, workdir, stop_at_step):
 
   drain(keep=0)
   mngr.wait_until_finished()
+  eval_state, eval_step = _final_state(config, model, mngr, tracker, state)
   results = {}
   for split in ("validation", "test"):
-    result = evaluate_split(model, state, catalogue, split, tokenizer, config, with_skipped=True)
+    reuse = split == "validation" and final_validation is not None and eval_step == step
+    result = final_validation if reuse else evaluate_split(
+        model, eval_state, catalogue, split, tokenizer, config, with_skipped=True)
     results[split] = result.summary
     if jax.process_index() == 0:
-      evaluation.write_report(workdir, split, int(state.step), result)
-    _log_result(writer, int(state.step), split, result)
+      evaluation.write_report(workdir, split, eval_step, result, trained_steps=step)
+    if not reuse:  # A reused result was logged when it was measured.
+      _log_result(writer, eval_step, split, result)
   writer.flush()
   mngr.close()
   if jax.process_index() == 0:

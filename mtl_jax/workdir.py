@@ -3,7 +3,8 @@
     <workdir>/
       LOCK                 the writer's pid, host and command while a run writes here
       checkpoints/<step>/  Orbax: `state` (arrays) and `meta` (config, task table, data
-                           position, adapter count, DyPa events, array fingerprints)
+                           position, adapter count, DyPa events, array fingerprints, the
+                           best-checkpoint record); `metrics` on a step saved as the best
       checkpoints/corrupt/ damaged checkpoints moved aside (never deleted)
       tokenizer/           the vocabulary the run trained with (predict and new_task need it)
       catalogue/           the generated synthetic catalogue (when none is configured)
@@ -45,6 +46,8 @@ from etils import epath
 
 from mtl_jax import catalogue as cat
 from mtl_jax import checkpointing
+from mtl_jax import config_base
+from mtl_jax import early_stopping
 from mtl_jax import evaluation
 from mtl_jax import sharding
 from mtl_jax import state as state_lib
@@ -57,11 +60,13 @@ REPORTS = "reports"
 LOCK = "LOCK"
 
 # Config fields that may differ between a checkpoint and the command that resumes it: they change
-# how long the run goes on, how often it reports and saves, and where arrays are placed, never
-# what the saved arrays mean. Prefixes end with a dot.
+# how long the run goes on, how often it reports and saves, which checkpoint is kept as the best
+# and when training stops early, and where arrays are placed, never what the saved arrays mean.
+# Prefixes end with a dot.
 RESUME_SAFE = ("total_steps", "log_every", "eval_every", "checkpoint_every", "max_to_keep",
                "eval_batch_size", "data.prefetch", "data.on_bad_record", "data.catalogue_dir",
-               "mesh.", "sharding_rules", "dypa.")
+               "mesh.", "sharding_rules", "dypa.", "best_metric", "best_mode", "eval_on_best",
+               "early_stopping_patience", "early_stopping_min_delta")
 
 
 class RunDirError(RuntimeError):
@@ -213,8 +218,13 @@ def check_resume(meta: dict, config, task_table: cat.TaskTable, checkpoint: str)
   problems += [f"catalogue: {c}" for c in _task_table_changes(saved_table, task_table)]
   saved = evaluation.flatten(json.loads(meta["config"]))
   now = evaluation.flatten(json.loads(config.to_json()))
+  # A field added to the config after the checkpoint was saved is absent from it: at its
+  # default, it means what the run did before the field existed.
+  defaults = evaluation.flatten(json.loads(config_base.base_config().to_json()))
   for field in sorted(saved.keys() | now.keys()):
     if _safe(field) or saved.get(field) == now.get(field):
+      continue
+    if field not in saved and field in defaults and now.get(field) == defaults[field]:
       continue
     show = lambda d: repr(d[field]) if field in d else "(absent)"
     problems.append(f"config.{field}: {show(saved)} (saved) -> {show(now)} (now)")
@@ -224,7 +234,8 @@ def check_resume(meta: dict, config, task_table: cat.TaskTable, checkpoint: str)
     raise RunDirError(
         f"{checkpoint} was saved by a different run: {shown}. Fix: run the command that made "
         "this run (only step counts, report/save cadence, the catalogue's location, mesh, "
-        "sharding and DyPa schedule may change on resume), or use a new --workdir; add "
+        "sharding, DyPa schedule, best checkpoint and early stopping may change on resume), "
+        "or use a new --workdir; add "
         "websites with `python -m mtl_jax.new_task`.")
 
 
@@ -271,9 +282,19 @@ def load_run_tokenizer(workdir: epath.Path, config) -> tuple[Any, str]:
 # --- Reading a trained run ----------------------------------------------------------------------
 
 def checkpoint_manager(workdir: epath.Path, max_to_keep: int | None = None,
-                       create: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                         enable_async_checkpointing=create)
+                       create: bool = False, best_metric: str = "",
+                       best_mode: str = "max") -> ocp.CheckpointManager:
+  """The workdir's Orbax manager. Writers pass `max_to_keep`; with `best_metric` it also keeps
+  the checkpoint saved with the best value of that metric (early_stopping.py)."""
+  if best_metric and max_to_keep is not None:
+    policy, best_fn = early_stopping.preservation_policy(best_metric, best_mode, max_to_keep)
+    # best_fn makes Orbax write the metrics; the policy alone decides what is kept.
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, best_fn=best_fn,
+                                           best_mode=best_mode, create=create,
+                                           enable_async_checkpointing=create)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
+                                           enable_async_checkpointing=create)
   return ocp.CheckpointManager(workdir / CHECKPOINTS, options=options,
                                item_names=("state", "meta"))
 
@@ -295,9 +316,14 @@ def model_for(config, meta: dict, task_table: cat.TaskTable, vocab_size: int, me
     spec = ModelSpec(**meta["model_spec"])
   else:
     spec = state_lib.model_spec(config, task_table, vocab_size)
-  num_classes = state_lib.trained_num_classes(task_table.num_classes,
-                                              config.eval.holdout_classes)
-  return state_lib.Model(config, spec, num_classes, mesh or _mesh_for(config), **kwargs)
+  num_classes, class_order = state_lib.holdout_for(config, task_table)
+  if class_order is not None and task_table.num_tasks != meta.get("num_tasks"):
+    # The shared plan depends on every task's class names: new tasks would change it.
+    raise RunDirError("Adding tasks to a run with eval.holdout_mode='shared' is not supported: "
+                      "its held-out classes depend on every task's classes. Fix: train the run "
+                      "again with the new tasks in its catalogue.")
+  return state_lib.Model(config, spec, num_classes, mesh or _mesh_for(config),
+                         class_order=class_order, **kwargs)
 
 
 @dataclasses.dataclass
@@ -355,8 +381,67 @@ class Run:
     self.manager.close()
 
 
-def open_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
+STEP_HELP = ("The checkpoint to use: a step number, 'latest' (the default) or 'best' (the best "
+             "validation checkpoint of a run trained with config.best_metric).")
+
+
+def parse_step(step: int | str | None) -> int | str | None:
+  """A `--step` value: None for the latest checkpoint, "best", or a step number.
+
+  Raises:
+    RunDirError: anything else.
+  """
+  if step is None or (isinstance(step, int) and not isinstance(step, bool)):
+    return step
+  text = str(step).strip().lower()
+  if text in ("", "latest"):
+    return None
+  if text == "best":
+    return "best"
+  try:
+    return int(text)
+  except ValueError:
+    raise RunDirError(f"--step={step!r}: not a checkpoint. Fix: give a step number, 'latest' "
+                      "or 'best'.") from None
+
+
+def _best_record(manager: ocp.CheckpointManager, steps: list[int]) -> dict:
+  """The best-checkpoint record of the newest checkpoint whose meta reads back."""
+  for step in reversed(steps):
+    try:
+      meta = checkpointing.read_meta(manager, step)
+    except Exception:  # A damaged meta: an older checkpoint knows an older best.
+      continue
+    return meta.get(early_stopping.META_KEY) or {}
+  return {}
+
+
+def _resolve_step(manager, checkpoints: epath.Path, steps: list[int], step) -> int:
+  if step is None:
+    return steps[-1]
+  if step == "best":
+    record = _best_record(manager, steps)
+    if record.get("step") is None:
+      raise RunDirError(
+          f"{checkpoints}: no best checkpoint recorded (the run was trained with "
+          "config.best_metric='', or stopped before its first validation evaluation). Fix: use "
+          f"--step=latest or one of {steps}.")
+    if record["step"] not in steps:
+      raise RunDirError(
+          f"{checkpoints}: the best checkpoint, step {record['step']} ({record['metric']} "
+          f"{record['value']}), is no longer there (moved aside or removed). Fix: use one of "
+          f"{steps}.")
+    return int(record["step"])
+  if step not in steps:
+    raise RunDirError(f"{checkpoints}: no checkpoint at step {step}. Fix: use one of {steps}.")
+  return step
+
+
+def open_run(workdir: str | os.PathLike, step: int | str | None = None) -> Run:
   """Reads a trained run's checkpoint metadata, tokenizer and model definition (not its arrays).
+
+  `step`: a step number, None or "latest" for the latest checkpoint, or "best" for the best
+  validation checkpoint recorded in the latest checkpoint's meta (early_stopping.py).
 
   Raises:
     RunDirError: no checkpoint, no such step, or no tokenizer.
@@ -372,11 +457,11 @@ def open_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
     manager.close()
     raise RunDirError(f"{checkpoints}: no checkpoint. Fix: train the run first, or give the "
                       "workdir of a trained one.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
+  try:
+    step = _resolve_step(manager, checkpoints, steps, parse_step(step))
+  except RunDirError:
     manager.close()
-    raise RunDirError(f"{checkpoints}: no checkpoint at step {step}. Fix: use one of {steps}.")
+    raise
   try:
     meta = checkpointing.read_meta(manager, step)
   except Exception as e:  # A damaged meta file.

@@ -115,6 +115,8 @@ BAD_NUMBERS = [
     ("eval_every", -1, "-1 must be >= 1"),
     ("checkpoint_every", 0, "0 must be >= 1"),
     ("max_to_keep", 0, "0 must be >= 1"),
+    ("early_stopping_patience", -1, "-1 must be >= 0 (0 turns early stopping off)"),
+    ("early_stopping_min_delta", -0.01, "-0.01 must be >= 0"),
     ("mesh.data", 0, "0 must be -1 or >= 1 (-1 uses all remaining devices)"),
     ("mesh.model", -2, "-2 must be -1 or >= 1"),
 ]

@@ -101,11 +101,28 @@ def test_mesh_shards_per_device_bytes_and_matches_xla(tmp_path):
   encoder_per_device = expected["encoder"] - expected["model_split"] // 2
   assert groups["encoder"]["bytes_per_device"] == 4 * encoder_per_device
   assert groups["encoder optimizer"]["bytes_per_device"] == 4 * (2 * encoder_per_device + 2)
-  for name in ("task heads", "adapters", "heads optimizer", "adapters optimizer"):
+  # The default `task -> auto` rule splits the 6 tasks' heads (and their row-wise AdamW state)
+  # over data=2: they are more than a tenth of the encoder. Adapters stay whole.
+  assert summary["heads_split_over"] == "data"
+  assert "task heads and their optimizer state: split by task over 'data'" in proc.stdout
+  for name in ("task heads", "heads optimizer"):
+    assert groups[name]["bytes_per_device"] == groups[name]["bytes"] // 2, name
+  for name in ("adapters", "adapters optimizer"):
     assert groups[name]["bytes_per_device"] == groups[name]["bytes"], name  # Replicated.
+  fit = summary["fit"]
+  assert fit["fits"] and fit["includes_temporaries"] and fit["device_bytes"] == 16 * 2**30
+  assert fit["needed_bytes"] == (summary["state"]["bytes_per_device"] + summary["batch"][
+      "bytes_per_device"] + summary["compiled"]["temp_size_in_bytes"])
+  assert "FITS a 16.00 GiB device" in proc.stdout
   assert summary["batch"]["bytes_per_device"] == summary["batch"]["bytes"] // 2  # data=2.
   # XLA's per-device program takes exactly the state and the batch shard as arguments.
   compiled = summary["compiled"]
   assert compiled["argument_size_in_bytes"] == (summary["state"]["bytes_per_device"]
                                                 + summary["batch"]["bytes_per_device"])
   assert compiled["temp_size_in_bytes"] > 0
+
+
+def test_a_state_too_big_for_the_device_says_so():
+  summary = dry_run.summarize(demo.get_config("tiny"), jax.devices()[:1], device_memory_gib=1e-4)
+  assert not summary["fit"]["fits"]
+  assert "DOES NOT FIT a 104.86 KiB device" in dry_run.format_table(summary)

@@ -204,10 +204,12 @@ def test_write_report_files(tmp_path):
   result = evaluate_outputs(task_table(), make_outputs(), TRAINED, np.arange(7) + 1)
   write_report(tmp_path, "validation", 12, result)
   assert not (tmp_path / "reports" / "calibration.json").exists()  # The test split only.
-  write_report(tmp_path, "test", 12, result)
+  write_report(tmp_path, "test", 12, result, trained_steps=20)  # Step 12 was the best.
   reports = tmp_path / "reports"
   saved = json.loads((reports / "test.json").read_text())
-  assert saved == {"split": "test", "step": 12, "summary": result.summary, "tasks": result.rows}
+  assert saved == {"split": "test", "step": 12, "trained_steps": 20, "summary": result.summary,
+                   "tasks": result.rows}
+  assert json.loads((reports / "validation.json").read_text())["trained_steps"] == 12
   calibration = json.loads((reports / "calibration.json").read_text())
   assert calibration == {"split": "test", **result.calibration}
   lines = list(csv.DictReader(io.StringIO((reports / "test.csv").read_text())))

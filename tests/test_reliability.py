@@ -787,6 +787,21 @@ def test_resume_with_a_changed_config_is_refused_with_a_diff(catalogue_dir, trai
   assert file_digests(workdir / "checkpoints") == before
 
 
+def test_a_field_added_since_the_checkpoint_resumes_at_its_default(catalogue_dir):
+  """A checkpoint saved before a config field existed lacks it: at its default it resumes, set
+  to anything else it is refused like any other change."""
+  config = run_config(catalogue_dir)
+  table = cat.read_task_table(catalogue_dir)
+  saved = json.loads(config.to_json())
+  del saved["eval"]["holdout_mode"]
+  meta = {"task_table": table.to_json(), "config": json.dumps(saved)}
+  workdir_lib.check_resume(meta, config, table, "ckpt/6")  # No error.
+  config.eval.holdout_mode = "shared"
+  with pytest.raises(workdir_lib.RunDirError, match=re.escape(
+      "config.eval.holdout_mode: (absent) (saved) -> 'shared' (now)")):
+    workdir_lib.check_resume(meta, config, table, "ckpt/6")
+
+
 @pytest.mark.slow
 def test_resume_allows_more_steps_and_another_cadence(catalogue_dir, trained_workdir, tmp_path,
                                                       capsys):

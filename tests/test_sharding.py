@@ -9,8 +9,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
+import pytest
+
+from mtl_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,9 +28,12 @@ SCRIPT = textwrap.dedent("""
     # FSDP-style: parameters' embed axis over `data` as well, and the heads split by task.
     fsdp_rules = tuple((k, "data") if k == "embed" else (k, "model") if k == "task" else (k, v)
                        for k, v in default_rules)
+    # "auto": the default rules on a mesh whose `data` size divides the 6 tasks, so the heads
+    # are split by task over `data`.
     for name, devices, data, model, rules in [("one", jax.devices()[:1], 1, 1, default_rules),
                                               ("mesh", jax.devices(), 4, 2, default_rules),
-                                              ("fsdp", jax.devices(), 4, 2, fsdp_rules)]:
+                                              ("fsdp", jax.devices(), 4, 2, fsdp_rules),
+                                              ("auto", jax.devices()[:4], 2, 2, default_rules)]:
       config = tiny_config(**{"mesh.data": data, "mesh.model": model, "model.dropout": 0.0,
                               "model.num_heads": 2, "sharding_rules": rules})
       model = tiny_model(config, devices=devices)
@@ -62,7 +69,9 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
   assert "model" in out["mesh"]["sharding"], out["mesh"]["sharding"]
   assert out["fsdp"]["sharding"] == "P(None, 'data', 'model')", out["fsdp"]
   assert out["fsdp"]["heads_sharding"] == "P('model', 'data', None)", out["fsdp"]
-  for name in ("mesh", "fsdp"):
+  assert out["auto"]["heads_sharding"] == "P('data', None, None)", out["auto"]
+  assert out["mesh"]["heads_sharding"] == "P(None, None, None)", out["mesh"]  # 6 tasks, data=4.
+  for name in ("mesh", "fsdp", "auto"):
     for a, b in zip(out["one"]["losses"], out[name]["losses"]):
       assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (name, out["one"]["losses"],
                                                      out[name]["losses"])
@@ -71,3 +80,22 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
     for key in one.files:
       np.testing.assert_allclose(other[key], one[key], rtol=1e-4, atol=1e-6,
                                  err_msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("data,num_tasks,head_params,expected", [
+    (4, 8, 100, "data"),     # Divides, and the heads are at least a tenth of the encoder.
+    (4, 8, 99, None),        # Heads too small to be worth splitting.
+    (4, 6, 10_000, None),    # 6 tasks do not split evenly 4 ways.
+    (1, 8, 10_000, None),    # Nothing to split over.
+])
+def test_task_auto_rule(data, num_tasks, head_params, expected):
+  mesh = types.SimpleNamespace(shape={"data": data, "model": 1})
+  rules = sharding.resolve_rules((("batch", "data"), ("task", "auto"), ("adapter", None)), mesh,
+                                 num_tasks, head_params=head_params, encoder_params=1000)
+  assert rules == (("batch", "data"), ("task", expected), ("adapter", None))
+
+
+def test_auto_is_only_for_the_task_axis():
+  mesh = types.SimpleNamespace(shape={"data": 2, "model": 1})
+  with pytest.raises(ValueError, match="only 'task' may be 'auto'"):
+    sharding.resolve_rules((("embed", "auto"),), mesh, 2, head_params=1, encoder_params=1)

@@ -89,3 +89,22 @@ def test_soft_cross_entropy_equals_hard_for_one_hot_targets():
   soft = losses.soft_cross_entropy(logits, jax.nn.one_hot(labels, C), mask)
   np.testing.assert_allclose(hard, soft, rtol=1e-6)
   assert float(hard[3]) == 0.0  # A one-class task has nothing to learn.
+
+
+def test_host_initialisers_match_the_jax_ones_in_shape_and_kind():
+  """Rows grown between steps come from a NumPy generator (no compiled initialiser): same
+  shapes and dtypes as the jitted initial state, zero output projections, and the same rows
+  for the same seed."""
+  draw = lambda seed: {**task_layers.init_heads(np.random.default_rng(seed), 2, H, C),
+                       **task_layers.init_adapters(np.random.default_rng(seed), 3, H, R, 2)}
+  on_host, in_jax = draw([7, 1]), {
+      **task_layers.init_heads(jax.random.key(0), 2, H, C),
+      **task_layers.init_adapters(jax.random.key(0), 3, H, R, 2)}
+  for name, value in on_host.items():
+    assert isinstance(value, np.ndarray), name
+    assert (value.shape, value.dtype) == (in_jax[name].shape, in_jax[name].dtype), name
+  for name in ("bias", "down_bias", "up", "up_bias"):
+    assert not on_host[name].any(), name
+  assert 0.01 < on_host["down"].std() < 0.03 and 0.01 < on_host["kernel"].std() < 0.03
+  assert all(np.array_equal(v, draw([7, 1])[k]) for k, v in on_host.items())
+  assert not np.array_equal(on_host["down"], draw([7, 2])["down"])

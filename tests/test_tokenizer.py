@@ -122,3 +122,38 @@ def test_count_words_matches_bert_pre_tokenisation():
   for text in sample:
     want = [w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text))]
     assert tk.count_words([text]) == tk.collections.Counter(want), text
+
+
+TRICKY = ["Leather BOOTS", "tab\there", "line\nbreak\r\nend", "ctl\x00\x01\x0b\x0c\x1f\x7fchars",
+          "Has [SEP] inside", "lower [sep] and [Cls] and [MASK]", "[PAD][UNK]", "", "   ",
+          "caf\u00e9 na\u00efve", "\u4e2d\u6587 kettle", "emoji \U0001F600 boots", "x" * 300,
+          "Punct: a_b, x-y $5 (boots)!", "\u00a0nbsp\u2028sep", "KETTLE\tBOIL\x0bWATER"]
+
+
+@pytest.mark.parametrize("max_len", [6, 24])
+def test_encode_batch_ascii_fast_path_matches_the_full_normaliser(tokenizer, max_len):
+  """ASCII pairs skip the backend's normaliser (normalised in Python): same ids as the full path,
+  for mixed batches, control characters, case and literal special tokens."""
+  rng = np.random.default_rng(0)
+  titles = TRICKY + [TRICKY[i] for i in rng.integers(0, len(TRICKY), 40)] + texts(20, seed=5)
+  descriptions = TRICKY[::-1] + [TRICKY[i] for i in rng.integers(0, len(TRICKY), 40)] + texts(
+      20, seed=6)
+  ids, mask = tk.encode_batch(tokenizer, titles, descriptions, max_len)
+  ref = tokenizer(titles, descriptions, max_length=max_len, truncation="longest_first",
+                  padding="max_length")
+  np.testing.assert_array_equal(ids, ref["input_ids"])
+  np.testing.assert_array_equal(mask, ref["attention_mask"])
+  ascii_only = [i for i, (t, d) in enumerate(zip(titles, descriptions))
+                if t.isascii() and d.isascii()]
+  ids, _ = tk.encode_batch(tokenizer, [titles[i] for i in ascii_only],
+                           [descriptions[i] for i in ascii_only], max_len)
+  np.testing.assert_array_equal(ids, np.asarray(ref["input_ids"])[ascii_only])
+
+
+def test_encode_batch_uses_the_full_normaliser_when_it_is_not_bert_lowercase(tmp_path, tokenizer):
+  cased = tk.transformers.BertTokenizerFast(vocab=tokenizer.get_vocab(), do_lower_case=False)
+  assert tk._backend(cased, 16, ascii_only=True) is None
+  ids, _ = tk.encode_batch(cased, ["Leather BOOTS"], ["kettle"], 16)
+  ref = cased(["Leather BOOTS"], ["kettle"], max_length=16, truncation="longest_first",
+              padding="max_length")
+  np.testing.assert_array_equal(ids, ref["input_ids"])

@@ -130,8 +130,7 @@ def expand(model, state, rows: list[dict], step: int):
   names = [r["task"] for r in rows]
   before = allocation_summary(state, names)
   if len(selected):
-    rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-    state = state_lib.grow(model, state, rng, adapter_tasks=selected)
+    state = state_lib.grow(model, state, (config.seed, 1, step), adapter_tasks=selected)
   after = allocation_summary(state, names)
   event = {
       "step": int(step),

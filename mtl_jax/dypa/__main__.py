@@ -1,6 +1,6 @@
 """Prints the DyPa allocation of a trained run and its history, read from the checkpoint.
 
-  python -m mtl_jax.dypa --workdir=runs/demo [--step=N]
+  python -m mtl_jax.dypa --workdir=runs/demo [--step=N|latest|best]
 """
 import types
 
@@ -13,7 +13,7 @@ from mtl_jax import workdir as workdir_lib
 from mtl_jax.dypa import allocation_summary
 
 
-def describe(workdir: str, step: int | None = None) -> str:
+def describe(workdir: str, step: int | str | None = None) -> str:
   """The allocation of a run's checkpoint (verified), and its DyPa history, as text."""
   run = workdir_lib.open_run(workdir, step)
   try:
@@ -40,8 +40,7 @@ def main(argv=None):
   flag_values = cli.flag_values()
   flags.DEFINE_string("workdir", None, "The run's directory.", flag_values=flag_values,
                       required=True)
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).",
-                       flag_values=flag_values)
+  flags.DEFINE_string("step", None, workdir_lib.STEP_HELP, flag_values=flag_values)
   cli.parse(flag_values, argv, "python -m mtl_jax.dypa")
   print(describe(flag_values.workdir, flag_values.step))
 

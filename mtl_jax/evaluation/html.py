@@ -44,6 +44,10 @@ TOP_BOTTOM_ROWS = 10
 
 _BLUE, _ORANGE, _GREY, _RED = "#2b6cb0", "#dd6b20", "#a0aec0", "#c53030"
 
+# Short labels of the unseen-class scores (metrics.UNSEEN_SCORES), in that order.
+UNSEEN_SCORE_NAMES = {"msp": "max softmax", "max_logit": "max logit", "energy": "energy",
+                      "mahalanobis": "Mahalanobis"}
+
 
 # --- Reading a workdir ---------------------------------------------------------------------------
 
@@ -408,6 +412,10 @@ def _summary_section(run: dict, split: str, rows: list[dict], summary: dict, ste
                        "held-out classes vs seen by 1 - max softmax, mean over tasks; pooled "
                        f"{_num(summary.get('pooled_unseen_auroc'))} / "
                        f"{_num(summary.get('pooled_unseen_aupr'))}"))
+    cards.append(_card("Unseen classes: AUROC by score", " / ".join(
+        _num(summary.get(f"mean_unseen_auroc_{name}")) for name in UNSEEN_SCORE_NAMES),
+        " / ".join(UNSEEN_SCORE_NAMES.values()) + ", mean over tasks; pooled " + " / ".join(
+            _num(summary.get(f"pooled_unseen_auroc_{name}")) for name in UNSEEN_SCORE_NAMES)))
   if summary.get("skipped_records"):
     cards.append(_card("Skipped records", f"{summary['skipped_records']:,}",
                        f"bad {_e(split)} records dropped (data.on_bad_record=skip)"))
@@ -433,6 +441,8 @@ def _task_cells(r: dict, validation: dict, adapter_step: dict) -> dict:
       "macro AUROC": number("macro_auroc"), "ECE": number("ece"),
       "unseen": r.get("unseen_examples", ""), "unseen AUROC": number("unseen_auroc"),
       "unseen AUPR": number("unseen_aupr"), "skipped": r.get("skipped_records", 0),
+      **{f"unseen AUROC {label}": number(f"unseen_auroc_{name}")
+         for name, label in UNSEEN_SCORE_NAMES.items() if name != "msp"},
       "skipped train": r.get("skipped_train_records", 0),
       "validation acc.": (_num(v), v),
       "DyPa adapter": (f"step {adapter_step[r['task']]}" if r["task"] in adapter_step else "",
@@ -455,6 +465,9 @@ def _tasks_sections(split: str, rows: list[dict], validation: dict, adapter_step
               if any(key in r for r in rows)]
   if any("unseen_examples" in r for r in rows):
     columns += ["unseen", "unseen AUROC", "unseen AUPR"]
+    columns += [f"unseen AUROC {label}" for name, label in UNSEEN_SCORE_NAMES.items()
+                if name != "msp" and any(r.get(f"unseen_auroc_{name}") is not None
+                                         for r in rows)]
   columns += ["skipped"] if any(r.get("skipped_records") for r in rows) else []
   columns += ["skipped train"] if any(r.get("skipped_train_records") for r in rows) else []
   columns += ["validation acc."] if validation else []

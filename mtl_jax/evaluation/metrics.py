@@ -450,3 +450,119 @@ def grouped_unseen_class_detection(max_prob, is_unseen, groups, num_groups: int
   scores = 1.0 - np.asarray(max_prob, np.float64)
   return (grouped_binary_auroc(scores, is_unseen, groups, num_groups),
           grouped_average_precision(scores, is_unseen, groups, num_groups))
+
+
+# Scores of how *known* an example looks (higher = more likely a trained class), each turned into
+# an unseen-class detector by ranking unseen examples (the positives) by its negation.
+UNSEEN_SCORES = ("msp", "max_logit", "energy", "mahalanobis")
+
+
+def logit_known_scores(logits: np.ndarray) -> dict[str, np.ndarray]:
+  """The logit-based known-class scores of each row, over its finite (task) columns.
+
+  - msp: the max softmax probability (Hendrycks & Gimpel 2017).
+  - max_logit: the largest logit (Hendrycks et al. 2022).
+  - energy: logsumexp of the logits, i.e. minus the free energy (Liu et al. 2020).
+
+  Args:
+    logits: [N, C] float, -inf in columns outside the example's trained classes.
+
+  Returns:
+    {"msp", "max_logit", "energy"}: [N] float64 each.
+  """
+  x = np.asarray(logits, np.float64)
+  top = x.max(axis=1)
+  energy = top + np.log(np.sum(np.exp(x - top[:, None]), axis=1))
+  return {"msp": np.exp(top - energy), "max_logit": top, "energy": energy}
+
+
+def grouped_unseen_detection(known_score, is_unseen, groups, num_groups: int
+                             ) -> tuple[np.ndarray, np.ndarray]:
+  """([G] AUROC, [G] AUPR) of detecting unseen examples by a score where higher means more
+  known (unseen examples ranked by its negation); NaN where undefined. Non-finite scores (no
+  fit for the example's task) leave their examples out."""
+  known_score = np.asarray(known_score, np.float64).reshape(-1)
+  keep = np.isfinite(known_score)
+  scores = -known_score[keep]
+  is_unseen = np.asarray(is_unseen, bool).reshape(-1)[keep]
+  groups = np.asarray(groups, np.int64).reshape(-1)[keep]
+  return (grouped_binary_auroc(scores, is_unseen, groups, num_groups),
+          grouped_average_precision(scores, is_unseen, groups, num_groups))
+
+
+class TiedGaussianFit:
+  """Class-conditional Gaussians on features with one covariance per task, tied over its
+  classes (Lee et al. 2018, without input preprocessing), fitted in one streaming pass.
+
+  `update` accumulates, per task, class counts and feature sums and the sum of outer products
+  (float64); `fit` turns them into class means and a whitening of the within-class covariance
+  Sigma_t = (sum x x^T - sum_c n_c mu_c mu_c^T) / n_t, plus `ridge` times its mean variance on
+  the diagonal (tasks with fewer examples than feature dimensions have a singular one).
+  `known_score` is minus the squared Mahalanobis distance to the nearest class mean (higher =
+  more known). Memory: T x H x H float64 for the outer products.
+
+  Args:
+    trained_num_classes: [T] each task's trained class count; examples labelled at or above it
+      (held out) are left out of the fit.
+    feature_dim: H.
+  """
+
+  def __init__(self, trained_num_classes, feature_dim: int):
+    self.trained = np.asarray(trained_num_classes, np.int64).reshape(-1)
+    num_tasks, width = self.trained.size, int(self.trained.max(initial=1))
+    self.counts = np.zeros((num_tasks, width))
+    self.sums = np.zeros((num_tasks, width, feature_dim))
+    self.outer = np.zeros((num_tasks, feature_dim, feature_dim))
+    self.means = self.whiten = None
+
+  def update(self, features, labels, task_ids) -> None:
+    """Adds a batch of (features [N, H], head-column labels [N], task ids [N])."""
+    features = np.asarray(features, np.float64)
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    task_ids = np.asarray(task_ids, np.int64).reshape(-1)
+    known = labels < self.trained[task_ids]
+    x, y, t = features[known], labels[known], task_ids[known]
+    np.add.at(self.counts, (t, y), 1.0)
+    np.add.at(self.sums, (t, y), x)
+    # Batches of a split sorted by task hold few tasks: one product per task present.
+    for task in np.unique(t):
+      mine = x[t == task]
+      self.outer[task] += mine.T @ mine
+
+  def fit(self, ridge: float = 1e-3) -> "TiedGaussianFit":
+    """Means [T, C, H] (NaN for classes without examples) and whitening matrices [T, H, H]
+    (NaN for tasks without examples), such that |(x - mu) W|^2 is the Mahalanobis distance."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+      self.means = self.sums / self.counts[..., None]
+      n = self.counts.sum(axis=1)
+      between = np.einsum("tc,tch,tck->thk", self.counts, np.nan_to_num(self.means),
+                          np.nan_to_num(self.means))
+      cov = (self.outer - between) / n[:, None, None]
+    dim = cov.shape[-1]
+    scale = np.trace(np.nan_to_num(cov), axis1=1, axis2=2) / dim
+    cov = cov + (ridge * np.maximum(scale, 1e-12))[:, None, None] * np.eye(dim)
+    has_data = n > 0
+    self.whiten = np.full_like(cov, np.nan)
+    if has_data.any():
+      values, vectors = np.linalg.eigh(cov[has_data])
+      self.whiten[has_data] = vectors / np.sqrt(np.maximum(values, 1e-300))[:, None, :]
+    return self
+
+  def known_score(self, features, task_ids) -> np.ndarray:
+    """[N] minus the squared Mahalanobis distance of each example to its task's nearest class
+    mean; NaN for tasks without a fit."""
+    features = np.asarray(features, np.float64)
+    task_ids = np.asarray(task_ids, np.int64).reshape(-1)
+    out = np.full(task_ids.size, np.nan)
+    order = np.argsort(task_ids, kind="stable")
+    starts = np.flatnonzero(np.r_[True, task_ids[order][1:] != task_ids[order][:-1]])
+    for rows in np.split(order, starts[1:]) if order.size else []:
+      task = task_ids[rows[0]]
+      has_class = self.counts[task, :self.trained[task]] > 0
+      if not has_class.any() or np.isnan(self.whiten[task]).any():
+        continue
+      z = features[rows] @ self.whiten[task]  # [n, H]
+      centres = self.means[task, :self.trained[task]][has_class] @ self.whiten[task]  # [c, H]
+      distance = np.sum((z[:, None, :] - centres[None]) ** 2, axis=-1)
+      out[rows] = -distance.min(axis=1)
+    return out

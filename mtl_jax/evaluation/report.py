@@ -26,6 +26,14 @@ Definitions (metrics.py holds the implementations):
   task (over that task's seen and unseen examples), their means over the tasks where defined,
   and pooled over the examples of every task with held-out classes (tasks without any are left
   out of the pool: all their examples would be negatives, mixing the task mix into the number).
+  The same numbers for each score of `metrics.UNSEEN_SCORES` carry the score's name
+  (`unseen_auroc_energy`, `mean_unseen_aupr_max_logit`, `pooled_unseen_auroc_mahalanobis`, ...;
+  `unseen_auroc` is `unseen_auroc_msp`): max softmax, max logit, energy (logsumexp of the
+  logits), and the Mahalanobis distance of the head's input features to the nearest trained
+  class mean under the task's tied covariance (`metrics.TiedGaussianFit`, fitted on the train
+  split). Mahalanobis numbers need "features" in the outputs and a fit, else they are None.
+  Pooled scores other than max softmax mix tasks on different scales: the per-task means are
+  the fairer comparison.
 
 Undefined numbers are None (null in JSON, empty in CSV), never NaN. Work is vectorised: one sort
 by task, then per-example arrays and grouped bincounts/sorts; the logits are processed in
@@ -144,8 +152,9 @@ def _example_stats(logits, labels, task_ids, trained, num_tasks):
   counts are long-tailed: padding to the widest task would dominate the work).
 
   Returns:
-    (order, seen, rank, loss, confidence, macro_auroc): the first five over the examples in
-    `order`, `macro_auroc` [T] with NaN where undefined.
+    (order, seen, rank, loss, known, macro_auroc): the first four over the examples in
+    `order`, `known` ({"msp", "max_logit", "energy"}, `metrics.logit_known_scores`) too,
+    `macro_auroc` [T] with NaN where undefined.
   """
   order = np.argsort(trained[task_ids] * num_tasks + task_ids, kind="stable")
   tid, lab = task_ids[order], labels[order]
@@ -153,7 +162,7 @@ def _example_stats(logits, labels, task_ids, trained, num_tasks):
   seen = lab < trained[tid]
   rank = np.zeros(n, np.int64)
   loss = np.zeros(n)
-  confidence = np.zeros(n)
+  known = {name: np.zeros(n) for name in ("msp", "max_logit", "energy")}
   macro = np.full(num_tasks, np.nan)
   starts = np.flatnonzero(np.r_[True, tid[1:] != tid[:-1]]) if n else np.zeros(0, np.int64)
   task_rows = np.diff(np.r_[starts, n])
@@ -165,35 +174,40 @@ def _example_stats(logits, labels, task_ids, trained, num_tasks):
     if not finite.all():
       raise ValueError("evaluate_outputs: non-finite logits in the trained classes of tasks "
                        f"{sorted(set(t[~finite].tolist()))}.")
-    top = x.max(axis=1)
-    log_norm = top + np.log(np.sum(np.exp(x - top[:, None]), axis=1))
+    scores = metrics.logit_known_scores(x)
+    for name, value in scores.items():
+      known[name][start:end] = value
+    log_norm = scores["energy"]
     s = seen[start:end]
     y = np.where(s, lab[start:end], 0)
     rank[start:end] = metrics.label_rank(x, y)
     loss[start:end] = log_norm - np.take_along_axis(x, y[:, None], axis=1)[:, 0]
-    confidence[start:end] = np.exp(top - log_norm)
     # Macro AUROC of the chunk's tasks, by the softmax probabilities of the seen examples.
     new_task = np.r_[True, t[1:] != t[:-1]]
     local = np.cumsum(new_task) - 1
     chunk_tasks = t[new_task]
     probs = np.exp(x[s] - log_norm[s, None])
     macro[chunk_tasks] = metrics.task_macro_auroc(probs, y[s], local[s], trained[chunk_tasks])
-  return order, seen, rank, loss, confidence, macro
+  return order, seen, rank, loss, known, macro
 
 
 def evaluate_outputs(task_table, outputs: dict, trained_num_classes, train_sizes,
-                     skipped: dict | None = None, train_skipped: dict | None = None) -> SplitResult:
+                     skipped: dict | None = None, train_skipped: dict | None = None,
+                     feature_fit: metrics.TiedGaussianFit | None = None) -> SplitResult:
   """Every task's metrics on one split, from the model's outputs on its real examples.
 
   Args:
     task_table: `mtl_jax.catalogue.TaskTable` (names, full class counts).
     outputs: numpy arrays over the real examples (padding removed): "logits" [N, C_max] raw
       logits of the task heads (columns >= the task's trained class count are ignored), "label"
-      [N] int (>= the trained class count: a held-out, unseen class), "task_id" [N] int.
+      [N] int (>= the trained class count: a held-out, unseen class), "task_id" [N] int, and
+      optionally "features" [N, H] (the head's inputs, for the Mahalanobis score).
     trained_num_classes: [T] int, the classes the model trained on per task (its first ones).
     train_sizes: [T] int, training examples per task.
     skipped: {task: {reason: count}}, bad records skipped from this split.
     train_skipped: the same for the train split.
+    feature_fit: the train split's class Gaussians (`metrics.TiedGaussianFit`, fitted), for the
+      Mahalanobis score of "features".
 
   Returns:
     A `SplitResult`; see the module docstring for every field.
@@ -208,8 +222,9 @@ def evaluate_outputs(task_table, outputs: dict, trained_num_classes, train_sizes
   _check_outputs(task_table, logits, labels, task_ids, trained, train_sizes)
   num_tasks = task_table.num_tasks
   full = np.asarray(task_table.num_classes)
-  order, seen, rank, loss, confidence, macro = _example_stats(logits, labels, task_ids, trained,
-                                                              num_tasks)
+  order, seen, rank, loss, known, macro = _example_stats(logits, labels, task_ids, trained,
+                                                         num_tasks)
+  confidence = known["msp"]
   tid = task_ids[order]
   per_task = lambda w: np.bincount(tid, weights=w, minlength=num_tasks)
   count = per_task(seen.astype(np.float64))
@@ -228,6 +243,19 @@ def evaluate_outputs(task_table, outputs: dict, trained_num_classes, train_sizes
   unseen_auroc, unseen_aupr = metrics.grouped_unseen_class_detection(
       confidence[in_pool], ~seen[in_pool], tid[in_pool], num_tasks)
   pooled = metrics.unseen_class_detection(confidence[in_pool & seen], confidence[in_pool & ~seen])
+  # Every score, per task and pooled; msp repeats the numbers above under its name.
+  by_score = {"msp": (unseen_auroc, unseen_aupr, pooled["auroc"], pooled["aupr"])}
+  if held_out.any() and feature_fit is not None and "features" in outputs:
+    known["mahalanobis"] = feature_fit.known_score(np.asarray(outputs["features"])[order], tid)
+  for name in metrics.UNSEEN_SCORES[1:]:
+    if name not in known or not held_out.any():
+      nan = np.full(num_tasks, np.nan)
+      by_score[name] = (nan, nan, None, None)
+      continue
+    score, unseen = known[name][in_pool], ~seen[in_pool]
+    per_task = metrics.grouped_unseen_detection(score, unseen, tid[in_pool], num_tasks)
+    together = metrics.grouped_unseen_detection(score, unseen, np.zeros(score.size, np.int64), 1)
+    by_score[name] = (*per_task, together[0][0], together[1][0])
 
   rows = []
   with np.errstate(invalid="ignore", divide="ignore"):
@@ -251,12 +279,17 @@ def evaluate_outputs(task_table, outputs: dict, trained_num_classes, train_sizes
     if held_out[t]:
       row.update({"unseen_examples": int(sums["unseen"][t]),
                   "unseen_auroc": _opt(unseen_auroc[t]), "unseen_aupr": _opt(unseen_aupr[t])})
+      for score, (auroc, aupr, _, _) in by_score.items():
+        row[f"unseen_auroc_{score}"] = _opt(auroc[t])
+        row[f"unseen_aupr_{score}"] = _opt(aupr[t])
     row["skipped_records"] = skipped_count(skipped, name)
     row["skipped_train_records"] = skipped_count(train_skipped, name)
     rows.append(row)
-  summary = summarize(rows, skipped, train_skipped, pooled={
-      "ece": calibration["ece"], "unseen_auroc": pooled["auroc"],
-      "unseen_aupr": pooled["aupr"]})
+  pooled_numbers = {"ece": calibration["ece"], "unseen_auroc": pooled["auroc"],
+                    "unseen_aupr": pooled["aupr"]}
+  for name, (_, _, auroc, aupr) in by_score.items():
+    pooled_numbers.update({f"unseen_auroc_{name}": auroc, f"unseen_aupr_{name}": aupr})
+  summary = summarize(rows, skipped, train_skipped, pooled=pooled_numbers)
   return SplitResult(rows=rows, summary=summary, calibration=calibration)
 
 
@@ -270,7 +303,8 @@ def summarize(rows: list[dict], skipped: dict | None = None, train_skipped: dict
   """Averages over the tasks that have (seen) evaluation examples, and totals of the bad records
   skipped from this split and the train split (records of unknown tasks included).
 
-  `pooled` ({"ece", "unseen_auroc", "unseen_aupr"}) holds the numbers over all examples, which
+  `pooled` ({"ece", "unseen_auroc", "unseen_aupr", and "unseen_auroc_{score}",
+  "unseen_aupr_{score}" per `metrics.UNSEEN_SCORES`}) holds the numbers over all examples, which
   rows alone cannot give (`evaluate_outputs` passes them; a summary of rows gathered from
   several reports has None there). The unseen-class keys appear when any row has held-out
   classes. Every key is present; a number without data is None.
@@ -302,6 +336,11 @@ def summarize(rows: list[dict], skipped: dict | None = None, train_skipped: dict
         "pooled_unseen_auroc": _opt(pooled.get("unseen_auroc")),
         "pooled_unseen_aupr": _opt(pooled.get("unseen_aupr")),
     })
+    for name in metrics.UNSEEN_SCORES:
+      for kind in ("auroc", "aupr"):
+        key = f"unseen_{kind}_{name}"
+        summary[f"mean_{key}"] = _mean(r.get(key) for r in rows)
+        summary[f"pooled_{key}"] = _opt(pooled.get(key))
   return summary
 
 
@@ -317,15 +356,20 @@ def write_calibration(workdir, calibration: dict, split: str = "test") -> epath.
   return path
 
 
-def write_report(workdir, split: str, step: int, result: SplitResult) -> None:
-  """Writes `reports/{split}.json` ({"split", "step", "summary", "tasks": rows}) and
+def write_report(workdir, split: str, step: int, result: SplitResult,
+                 trained_steps: int | None = None) -> None:
+  """Writes `reports/{split}.json` ({"split", "step": the checkpoint evaluated,
+  "trained_steps": the steps the run trained (`step` unless the best checkpoint was evaluated),
+  "summary", "tasks": rows}) and
   `reports/{split}.csv` (one line per task; a column a row lacks is empty), and for the test
   split `reports/calibration.json` (when the result has a calibration). Only process 0 should
   call it."""
   out = epath.Path(workdir) / "reports"
   out.mkdir(parents=True, exist_ok=True)
   (out / f"{split}.json").write_text(json.dumps(
-      {"split": split, "step": int(step), "summary": result.summary, "tasks": result.rows},
+      {"split": split, "step": int(step),
+       "trained_steps": int(step if trained_steps is None else trained_steps),
+       "summary": result.summary, "tasks": result.rows},
       indent=1, allow_nan=False))
   fields = list(dict.fromkeys(k for row in result.rows for k in row))
   buffer = io.StringIO()
@@ -360,6 +404,9 @@ def format_table(split: str, rows: list[dict], summary: dict, max_rows: int = 12
     lines.append(f"  unseen classes: AUROC {_fmt(s('mean_unseen_auroc'))}, AUPR "
                  f"{_fmt(s('mean_unseen_aupr'))} (mean over tasks); pooled AUROC "
                  f"{_fmt(s('pooled_unseen_auroc'))}, AUPR {_fmt(s('pooled_unseen_aupr'))}")
+    lines.append("  unseen AUROC by score (mean over tasks / pooled): " + ", ".join(
+        f"{name} {_fmt(s(f'mean_unseen_auroc_{name}'))}/{_fmt(s(f'pooled_unseen_auroc_{name}'))}"
+        for name in metrics.UNSEEN_SCORES))
   if s("skipped_records") or s("skipped_train_records"):
     lines.append(f"  skipped bad records: {s('skipped_records', 0)} in {split}, "
                  f"{s('skipped_train_records', 0)} in train")
@@ -368,7 +415,10 @@ def format_table(split: str, rows: list[dict], summary: dict, max_rows: int = 12
   lines.append(header + (f" {'unseen':>6} {'u-auc':>6}" if unseen else ""))
   shown = sorted(rows, key=lambda r: -r["train_examples"])
   for r in shown[:max_rows]:
-    line = (f"{r['task'][:28]:<28} {r['num_classes']:>7} {r['train_examples']:>7} "
+    # Trained classes (their chance is the chance column), "of" all where some are held out.
+    trained, full = r.get("trained_classes", r["num_classes"]), r["num_classes"]
+    classes = str(full) if trained == full else f"{trained}/{full}"
+    line = (f"{r['task'][:28]:<28} {classes:>7} {r['train_examples']:>7} "
             f"{r['eval_examples']:>6} {_fmt(r['accuracy']):>6} {_fmt(r['top5_accuracy']):>6} "
             f"{_fmt(r['chance']):>6} {_fmt(r.get('macro_auroc')):>6} {_fmt(r.get('ece')):>6}")
     if unseen:
