@@ -24,7 +24,16 @@ Expected result, as measured for `:cpu` on a 2-core CPU shared with two other CP
 are small (median ~200 products, ~160 for training), so they learn from the others. Data stage
 numbers: benchmarks/data_prep.py and benchmarks/results/data_prep.json.
 """
+from configs import common
 from mtl_jax import config_base
+
+
+def _cpu(c):
+  common.small_cpu_model(c, learning_rate=2e-3, warmup_steps=100)
+  c.batch_size = 128
+  c.eval_batch_size = 256
+  # Validation and test of every task once, at the end.
+  common.schedule(c, total_steps=3000, eval_every=3000, checkpoint_every=1000, log_every=100)
 
 
 def get_config(variant: str = ""):
@@ -50,26 +59,6 @@ def get_config(variant: str = ""):
   c.optimizer.warmup_steps = 1000
   c.batch_size = 512
   c.eval_batch_size = 2048
-  c.total_steps = 20000
-  c.log_every = 200
-  c.eval_every = 5000
-  c.checkpoint_every = 2000
+  common.schedule(c, total_steps=20000, eval_every=5000, checkpoint_every=2000, log_every=200)
   c.max_to_keep = 2
-  if variant == "cpu":
-    c.model.hidden_size = 64
-    c.model.num_layers = 2
-    c.model.num_heads = 4
-    c.model.mlp_size = 128
-    c.model.adapter_size = 16
-    c.model.dtype = "float32"
-    c.optimizer.learning_rate = 2e-3
-    c.optimizer.warmup_steps = 100
-    c.batch_size = 128
-    c.eval_batch_size = 256
-    c.total_steps = 3000
-    c.log_every = 100
-    c.eval_every = 3000  # Validation and test of every task once, at the end.
-    c.checkpoint_every = 1000
-  elif variant:
-    raise ValueError(f"Unknown variant {variant!r} of configs/mtl10k.py: use '' or 'cpu'.")
-  return c
+  return common.apply_variant(c, variant, {"cpu": _cpu}, "mtl10k")

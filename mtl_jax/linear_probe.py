@@ -390,16 +390,7 @@ def run_linear_probe(config, workdir: str | os.PathLike, tasks: Sequence[str] | 
   full_dir = single_task.source_catalogue(config, workdir)
   validator, indices = cat.index_catalogue(full_dir, config.data.on_bad_record)
   table = validator.table
-  names = list(table.names) if tasks is None else list(dict.fromkeys(tasks))
-  if not names:
-    raise ValueError("tasks: no task chosen. Fix: name at least one task, or leave --tasks "
-                     "empty for all of them.")
-  unknown = [n for n in names if not table.has_task(n)]
-  if unknown:
-    raise cat.CatalogueError(
-        f"{full_dir / cat.TASKS_FILE}, field 'tasks': {unknown} are not tasks of this "
-        f"catalogue. Fix: choose among its {table.num_tasks} tasks "
-        f"({', '.join(table.names[:5])}{', ...' if table.num_tasks > 5 else ''}).")
+  names = single_task.chosen_tasks(table, tasks, full_dir)
   chosen = np.array([table.task_index(n) for n in names], np.int64)
   subset = cat.TaskTable(names=tuple(names),
                          class_names=tuple(table.class_names[t] for t in chosen),

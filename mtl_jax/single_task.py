@@ -323,6 +323,21 @@ def _gather(workdir: Path, names: Sequence[str], split: str) -> dict:
   return summary
 
 
+def chosen_tasks(table: cat.TaskTable, tasks, catalogue_dir) -> list[str]:
+  """The names of `tasks` (all of the table's when None), in order, each once; checked."""
+  names = list(table.names) if tasks is None else list(dict.fromkeys(tasks))
+  if not names:
+    raise ValueError("tasks: no task chosen. Fix: name at least one task, or leave --tasks "
+                     "empty for all of them.")
+  unknown = [n for n in names if not table.has_task(n)]
+  if unknown:
+    raise cat.CatalogueError(
+        f"{Path(catalogue_dir) / cat.TASKS_FILE}, field 'tasks': {unknown} are not tasks of this "
+        f"catalogue. Fix: choose among its {table.num_tasks} tasks "
+        f"({', '.join(table.names[:5])}{', ...' if table.num_tasks > 5 else ''}).")
+  return names
+
+
 def train_single_task_baselines(config, workdir: str | os.PathLike,
                                 tasks: Iterable[str] | None = None,
                                 steps: int | None = None, steps_policy: str | None = None,
@@ -347,16 +362,7 @@ def train_single_task_baselines(config, workdir: str | os.PathLike,
   workdir.mkdir(parents=True, exist_ok=True)
   full_dir = source_catalogue(config, workdir)
   table = cat.read_task_table(full_dir)
-  names = list(table.names) if tasks is None else list(dict.fromkeys(tasks))
-  if not names:
-    raise ValueError("tasks: no task chosen. Fix: name at least one task, or leave --tasks "
-                     "empty for all of them.")
-  unknown = [n for n in names if not table.has_task(n)]
-  if unknown:
-    raise cat.CatalogueError(
-        f"{full_dir / cat.TASKS_FILE}, field 'tasks': {unknown} are not tasks of this "
-        f"catalogue. Fix: choose among its {table.num_tasks} tasks "
-        f"({', '.join(table.names[:5])}{', ...' if table.num_tasks > 5 else ''}).")
+  names = chosen_tasks(table, tasks, full_dir)
   paths = {n: task_paths(workdir, n) for n in names}  # Every path checked before any write.
   tokenizer_dir = shared_tokenizer_dir(config, workdir, full_dir)
   steps_path = workdir / STEPS_FILE

@@ -57,6 +57,16 @@ Garden > Plants > Bulbs: bulbs tulip daffodil planting spring bloom autumn flowe
 """
 
 
+@pytest.fixture(scope="module")
+def catalogue_dir(tmp_path_factory):
+  """The tiny demo catalogue (`configs/demo.py:tiny`), generated once per test module."""
+  from mtl_jax import synthetic
+  from tests.helpers import tiny_config
+  out = tmp_path_factory.mktemp("catalogue") / "tiny"
+  synthetic.generate_catalogue(out, tiny_config().data.synthetic)
+  return out
+
+
 @pytest.fixture
 def tiny_taxonomy(tmp_path):
   """Path of a tiny taxonomy file (4 departments, 8 categories, 18 leaves)."""

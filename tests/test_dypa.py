@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from mtl_jax import dypa, state as state_lib, steps, synthetic, train
+from mtl_jax import dypa, state as state_lib, steps, train
 from mtl_jax.dypa import __main__ as dypa_cli
 from tests.helpers import NUM_CLASSES, random_batch, tiny_config, tiny_model
 
@@ -105,18 +105,11 @@ def test_one_extra_compilation_per_expansion(monkeypatch):
   assert state_lib.num_adapter_slots(state) == 4
 
 
-@pytest.fixture(scope="module")
-def catalogue_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("catalogue") / "tiny"
-  synthetic.generate_catalogue(out, tiny_config().data.synthetic)
-  return str(out)
-
-
 @pytest.mark.slow
 def test_resume_before_and_after_an_expansion_matches_an_uninterrupted_run(
     catalogue_dir, tmp_path, capsys):
   def config():
-    return tiny_config(**{"data.catalogue_dir": catalogue_dir, "total_steps": 6,
+    return tiny_config(**{"data.catalogue_dir": str(catalogue_dir), "total_steps": 6,
                           "dypa.at_steps": "2", "dypa.fraction": 0.5, "checkpoint_every": 10})
   straight, stopped = tmp_path / "straight", tmp_path / "stopped"
   train.train_and_evaluate(config(), str(straight))

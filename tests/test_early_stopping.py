@@ -18,7 +18,6 @@ from mtl_jax import checkpointing
 from mtl_jax import config_base
 from mtl_jax import early_stopping
 from mtl_jax import predict
-from mtl_jax import synthetic
 from mtl_jax import train
 from mtl_jax import workdir as workdir_lib
 from tests.helpers import tiny_config
@@ -142,13 +141,6 @@ def test_step_best_without_a_recorded_best_is_refused(tmp_path):
 
 
 # --- Training ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def catalogue_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("catalogue") / "tiny"
-  synthetic.generate_catalogue(out, tiny_config().data.synthetic)
-  return out
-
 
 def run_config(catalogue_dir, **overrides):
   return tiny_config(**{

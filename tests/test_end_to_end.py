@@ -10,21 +10,14 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from mtl_jax import synthetic, train
+from mtl_jax import train
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def catalogue_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("catalogue") / "tiny"
-  synthetic.generate_catalogue(out, tiny_config().data.synthetic)
-  return str(out)
-
-
 def run_config(catalogue_dir, **overrides):
-  config = tiny_config(**{"data.catalogue_dir": catalogue_dir, "total_steps": 6, **overrides})
+  config = tiny_config(**{"data.catalogue_dir": str(catalogue_dir), "total_steps": 6, **overrides})
   return config
 
 

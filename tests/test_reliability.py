@@ -31,7 +31,7 @@ import pytest
 from etils import epath
 
 from mtl_jax import catalogue as cat
-from mtl_jax import checkpointing, prepare, sharding, state as state_lib, synthetic, tfds_builder
+from mtl_jax import checkpointing, prepare, sharding, state as state_lib, tfds_builder
 from mtl_jax import train, workdir as workdir_lib
 from tests.helpers import tiny_config
 from tests.reliability_helpers import (CompileCounter, MainProcess, ROOT, main_args,
@@ -40,13 +40,6 @@ from tests.reliability_helpers import (CompileCounter, MainProcess, ROOT, main_a
 STEP_LINE = re.compile(r"^step (\d+)/(\d+):")
 RESUMED = re.compile(r"Resumed from step (\d+)")
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-
-@pytest.fixture(scope="module")
-def catalogue_dir(tmp_path_factory):
-  out = tmp_path_factory.mktemp("catalogue") / "tiny"
-  synthetic.generate_catalogue(out, tiny_config().data.synthetic)
-  return out
 
 
 def run_config(catalogue_dir, **overrides):
