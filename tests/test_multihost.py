@@ -45,10 +45,18 @@ TRAINER_WORKER = INIT + textwrap.dedent(f"""
     from tests.helpers import random_batch, tiny_config, tiny_model
     trainer = tiny_model(tiny_config())
     assert trainer.mesh.shape["data"] == num_processes
+    from jax.experimental import multihost_utils
     state = trainer.create_state(jax.random.key(0))
     local = lambda x: np.asarray(x.addressable_data(0))
-    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
-    initial = jax.tree.map(local, state.params)
+    # Whole arrays on every process (a collective: called between awaited steps only).
+    gathered = lambda tree: (multihost_utils.process_allgather(tree, tiled=True)
+                             if num_processes > 1 else jax.tree.map(np.asarray, tree))
+    # Data parallel: the encoder whole on each device, the heads split by task over `data`
+    # (the default `task -> auto` rule) when there is more than one device.
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params["encoder"]))
+    heads_spec = state.params["tasks"]["heads"]["kernel"].sharding.spec
+    assert heads_spec[0] == ("data" if num_processes > 1 else None), heads_spec
+    initial = gathered(state.params)
     step = steps.jitted_train_step(trainer, 1)
     # The rows of the global batch this process's device holds, as the sharding places them.
     (rows,) = trainer.batch_sharding.addressable_devices_indices_map(({GLOBAL_BATCH},)).values()
@@ -64,7 +72,7 @@ TRAINER_WORKER = INIT + textwrap.dedent(f"""
       state, metrics = step(state, batch)
       jax.block_until_ready(state)  # One collective program in flight at a time.
       losses.append(float(metrics["loss"]))
-    final = jax.tree.map(local, state.params)
+    final = gathered(state.params)
     flat = lambda tree, tag: {{tag + jax.tree_util.keystr(p): x
                                for p, x in jax.tree_util.tree_leaves_with_path(tree)}}
     np.savez(sys.argv[1], losses=np.asarray(losses), local_rows=np.asarray(local_rows),
