@@ -61,6 +61,16 @@ def _log_result(writer, step, split, result):
   _print(evaluation.format_table(split, result.rows, result.summary))
 
 
+def training_budget(config, train_sizes) -> str:
+  """How many passes over the training data the run's step budget makes, in one line."""
+  seen = config.total_steps * config.batch_size
+  total = int(np.sum(train_sizes))
+  return (f"Budget: {config.total_steps} steps x batch {config.batch_size} = {seen:,} examples, "
+          f"{seen / max(total, 1):.2f} passes over the {total:,} training products"
+          + (" (under one pass: most tasks will be undertrained; raise --config.total_steps)"
+             if seen < total else ""))
+
+
 def _final_state(config, model, mngr, tracker, state):
   """The state the end-of-training reports read, and its step: the best checkpoint's with
   `config.eval_on_best` (when one was recorded and still reads back), else the latest."""
@@ -136,6 +146,7 @@ def _train(config, workdir, stop_at_step):
           f"Checkpoint {start_step} in {mngr.directory} holds data position "
           f"{meta['data_iterator']['next_step']}; it does not belong to this run.")
     _print(f"Resumed from step {start_step} ({mngr.directory / str(start_step)})")
+  _print(training_budget(config, catalogue.num_examples("train")))
   tracker, note = early_stopping.Tracker.from_config(config, meta.get(early_stopping.META_KEY))
   if note:
     _print(note)

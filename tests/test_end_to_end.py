@@ -88,3 +88,12 @@ def test_misspelt_config_field_fails_naming_it(tmp_path):
   assert proc.returncode != 0
   assert "learnig_rate" in proc.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_budget_line_counts_passes_and_warns_under_one():
+  config = tiny_config(total_steps=10, batch_size=8)
+  assert train.training_budget(config, np.array([30, 10])) == (
+      "Budget: 10 steps x batch 8 = 80 examples, 2.00 passes over the 40 training products")
+  line = train.training_budget(config, np.array([100, 60]))
+  assert "0.50 passes over the 160 training products" in line
+  assert "under one pass" in line and "--config.total_steps" in line
