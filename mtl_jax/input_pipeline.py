@@ -152,27 +152,25 @@ def _prefetched(make, args, depth: int):
   q = queue.Queue(maxsize=depth)
   stop = threading.Event()
 
-  def produce():
-    try:
-      for a in args:
-        item = make(a)
-        while not stop.is_set():
-          try:
-            q.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
-          return
-      item = _DONE
-    except Exception as e:  # Surface the error in the consuming thread.
-      item = e
+  def put(item) -> None:
+    """Queues `item`, waiting for room, unless the consumer stops first."""
     while not stop.is_set():
       try:
         q.put(item, timeout=0.1)
         return
       except queue.Full:
         continue
+
+  def produce():
+    try:
+      for a in args:
+        put(make(a))
+        if stop.is_set():
+          return
+      item = _DONE
+    except Exception as e:  # Surface the error in the consuming thread.
+      item = e
+    put(item)
 
   thread = threading.Thread(target=produce, daemon=True)
   thread.start()

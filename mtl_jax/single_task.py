@@ -160,12 +160,7 @@ def write_subset_catalogue(source_dir: str | os.PathLike, out_dir: str | os.Path
     inside(within, out_dir)
     inside(within, tmp)
   table = cat.read_task_table(source_dir)
-  unknown = [n for n in task_names if not table.has_task(n)]
-  if unknown:
-    raise cat.CatalogueError(
-        f"{source_dir / cat.TASKS_FILE}, field 'tasks': {unknown} are not tasks of this "
-        f"catalogue. Fix: choose among its {table.num_tasks} tasks "
-        f"({', '.join(table.names[:5])}{', ...' if table.num_tasks > 5 else ''}).")
+  _check_known(table, task_names, source_dir)
   subset = cat.TaskTable(
       names=tuple(task_names),
       class_names=tuple(table.class_names[table.task_index(n)] for n in task_names),
@@ -329,13 +324,18 @@ def chosen_tasks(table: cat.TaskTable, tasks, catalogue_dir) -> list[str]:
   if not names:
     raise ValueError("tasks: no task chosen. Fix: name at least one task, or leave --tasks "
                      "empty for all of them.")
+  _check_known(table, names, catalogue_dir)
+  return names
+
+
+def _check_known(table: cat.TaskTable, names, catalogue_dir) -> None:
+  """Raises CatalogueError naming the `names` that are not tasks of `table`."""
   unknown = [n for n in names if not table.has_task(n)]
   if unknown:
     raise cat.CatalogueError(
         f"{Path(catalogue_dir) / cat.TASKS_FILE}, field 'tasks': {unknown} are not tasks of this "
         f"catalogue. Fix: choose among its {table.num_tasks} tasks "
         f"({', '.join(table.names[:5])}{', ...' if table.num_tasks > 5 else ''}).")
-  return names
 
 
 def train_single_task_baselines(config, workdir: str | os.PathLike,
