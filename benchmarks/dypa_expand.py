@@ -2,7 +2,7 @@
 
   python benchmarks/dypa_expand.py [--tasks 1000,10000] [--expansions 3] [--fraction 0.05]
 
-A 2-layer x 256-hidden encoder and heads [T, 256, 128] (the SPEC's head-cost shape), the
+A 2-layer x 256-hidden encoder and heads of up to 128 classes (the SPEC's head-cost shape), the
 default adapter (1 block of width 32). Each expansion selects `fraction` of the tasks without an
 adapter (by lowest validation accuracy, random here), grows the adapter array and its optimiser
 state (`state.grow`), and places it with the config's shardings; it is timed to the moment the

@@ -135,6 +135,7 @@ def measure(num_tasks, args):
       args.steps + 2, spec, args.batch_size, num_classes)]
 
   state = model.create_state(jax.random.key(0))
+  head_params = int(sum(x.size for x in jax.tree.leaves(state.params["tasks"]["heads"])))
   encoder_params = jax.tree.map(jnp.copy, state.params["encoder"])  # The loop starts alike.
   stacked_step, stacked_compile = compile_step(steps.jitted_train_step(model, 1), state,
                                                batches[0])
@@ -146,7 +147,7 @@ def measure(num_tasks, args):
       [(stacked_step, state), (loop_step, loop_state)], batches, args.steps)
 
   row = {"tasks": num_tasks,
-         "head_params_stacked": int(num_tasks * (spec.hidden_size + 1) * args.max_classes),
+         "head_params_stacked": head_params,
          "head_params_loop": int(sum(spec.hidden_size * k + k for k in num_classes))}
   for name, compile_s, times, loss in (("stacked", stacked_compile, stacked_times, stacked_loss),
                                        ("loop", loop_compile, loop_times, loop_loss)):

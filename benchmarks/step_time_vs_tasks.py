@@ -1,15 +1,16 @@
 """Step time and memory of the whole train step versus the number of tasks, per task update.
 
-  python benchmarks/step_time_vs_tasks.py [--tasks 10,100,1000,3000] [--steps 10] [--repeats 5]
+  python benchmarks/step_time_vs_tasks.py [--tasks 10,1000,10000,30000] [--modes sparse,optax_adamw]
+      [--steps 10] [--repeats 5]
 
 Fixed model and batch (2-layer x 128-hidden encoder, batch 32, text 32 tokens + 2 images, heads
 128 classes wide with long-tailed class counts, tasks drawn uniformly); only the number of tasks
-(stacked head rows) changes. Three ways to update the task parameters, all on the same model
+(stacked head blocks) changes. Three ways to update the task parameters, all on the same model
 (`steps.forward`), the same encoder update (`model.tx`), the same clipping, initial state and
 batches:
 
   sparse         `steps.train_step` with `optimizer.task_update="sparse"` (the default): row-wise
-                 AdamW on the head rows of the tasks in the batch only (mtl_jax/optim.py).
+                 AdamW on the head blocks of the tasks in the batch only (mtl_jax/optim.py).
   dense_rowwise  `steps.train_step` with `task_update="dense"`: the same row-wise code passed
                  every row (gather all, update, scatter all back).
   optax_adamw    a variant of the train step written here: the gradient with respect to the
@@ -19,10 +20,15 @@ batches:
                  the same update as dense_rowwise (checked: `max_abs_param_diff_vs_dense_rowwise`
                  after the run, and tests/test_benchmarks.py).
 
-Modes take turns: `--repeats` rounds of mode A (`--steps` steps), B, C, A, B, C, ..., each step
-awaited, after warm-up; a mode's time is the median over rounds of each round's median step
-time (the spread is the min and max of those). The load average is recorded before and after
-each task count. Prints a table and writes benchmarks/results/step_time_vs_tasks.json.
+Every (task count, mode) is built and warmed up first; then they take turns: `--repeats` rounds
+of (10 tasks, mode A) (`--steps` steps), (10, B), ..., (3000, C), (10, A), ..., each step
+awaited, so that a change of machine load hits every task count alike and the ratios to the
+fewest tasks hold. A time is the median over rounds of each round's median step time (the spread
+is the min and max of those). The load average is recorded at the start and the end. Heads are
+stored in blocks of `model.classes_per_block` classes (task_layers.py): "/ sum C_t" is their
+parameter count over what exactly C_t classes per task would hold, "padded / sum C_t" that of
+one row per task padded to the widest task. Prints a table and writes
+benchmarks/results/step_time_vs_tasks.json.
 """
 import argparse
 import functools
@@ -80,8 +86,8 @@ def optax_train_step(model, task_tx, state, batch):
   targets = jax.nn.one_hot(batch["label"], config.model.max_classes) * class_mask
 
   def loss_fn(encoder_params, task_params):
-    out = steps.forward(model, encoder_params, task_params, batch, task_ids, slots, slots > 0,
-                        rng=rng)
+    out = steps.forward(model, encoder_params, task_params, batch,
+                        model.head_layout.example_rows(task_ids), slots, slots > 0, rng=rng)
     per_example = losses.soft_cross_entropy(out, targets, class_mask)
     return jnp.sum(per_example * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
@@ -123,24 +129,26 @@ def build(mode, args, num_classes, batch):
   return compiled, state, model, info
 
 
-def measure(num_tasks, args):
+def measure(task_counts, args):
+  """Rows of every (task count, mode), timed in turns: round r runs each of them in order."""
   load_before = common.load_average()
-  num_classes = common.long_tailed_classes(num_tasks, args.max_classes)
-  config = make_config(args, "sparse")
-  spec = make_spec(config)
-  count = args.warmup + args.repeats * args.steps
-  batches = common.make_batches(count, spec, args.batch_size, num_classes)
   runs = {}
-  for mode in args.modes.split(","):
-    compiled, state, model, info = build(mode, args, num_classes, batches[0])
-    runs[mode] = {"step": compiled, "state": state, "info": info, "round_ms": [], "times": [],
-                  "batches": [model.global_batch(b) for b in batches]}
-  for mode, run in runs.items():  # Warm-up, one mode after the other.
-    for b in run["batches"][:args.warmup]:
-      run["state"], _ = run["step"](run["state"], b)
-    jax.block_until_ready(run["state"])
-  for r in range(args.repeats):  # Rounds: A, B, C, A, B, C, ...
-    for mode, run in runs.items():
+  for num_tasks in task_counts:
+    num_classes = common.long_tailed_classes(num_tasks, args.max_classes)
+    spec = make_spec(make_config(args, "sparse"))
+    count = args.warmup + args.repeats * args.steps
+    batches = common.make_batches(count, spec, args.batch_size, num_classes)
+    for mode in args.modes.split(","):
+      compiled, state, model, info = build(mode, args, num_classes, batches[0])
+      run = {"step": compiled, "state": state, "info": info, "round_ms": [], "times": [],
+             "batches": [model.global_batch(b) for b in batches], "num_classes": num_classes,
+             "hidden": model.spec.hidden_size}
+      for b in run["batches"][:args.warmup]:
+        run["state"], _ = run["step"](run["state"], b)
+      jax.block_until_ready(run["state"])
+      runs[num_tasks, mode] = run
+  for r in range(args.repeats):  # Rounds: every (task count, mode) in turn.
+    for run in runs.values():
       times = []
       for b in run["batches"][args.warmup + r * args.steps:args.warmup + (r + 1) * args.steps]:
         start = time.perf_counter()
@@ -153,8 +161,7 @@ def measure(num_tasks, args):
   load_after = common.load_average()
 
   rows = []
-  reference = runs.get("dense_rowwise")
-  for mode, run in runs.items():
+  for (num_tasks, mode), run in runs.items():
     state = run["state"]
     row = {"tasks": num_tasks, "mode": mode,
            "step_ms": float(np.median(run["round_ms"])),
@@ -162,25 +169,29 @@ def measure(num_tasks, args):
            "step_ms_max_round": max(run["round_ms"]),
            "head_params": int(sum(x.size for x in jax.tree.leaves(
                state.params["tasks"]["heads"]))),
+           # What the heads would hold with exactly C_t classes per task, and padded to C_max.
+           "head_params_exact": int(run["num_classes"].sum() * (run["hidden"] + 1)),
+           "head_params_padded": int(num_tasks * args.max_classes * (run["hidden"] + 1)),
            "encoder_params": int(sum(x.size for x in jax.tree.leaves(state.params["encoder"]))),
            **run["info"], "last_loss": run["last_loss"],
            "step_s": run["times"], "load_average_before_after": [load_before, load_after]}
+    reference = runs.get((num_tasks, "dense_rowwise"))
     if reference is not None and mode != "sparse":
       # Both are plain AdamW over every row from one state on the same batches: the same update.
       row["max_abs_param_diff_vs_dense_rowwise"] = float(max(
           np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in zip(
               jax.tree.leaves(state.params), jax.tree.leaves(reference["state"].params))))
     rows.append(row)
-  print(f"[{num_tasks} tasks: " + ", ".join(f"{r['mode']} {r['step_ms']:.1f} ms" for r in rows)
-        + f"; load {load_before[0]} -> {load_after[0]}]", flush=True)
-  del runs
+  print(", ".join(f"{r['tasks']} tasks {r['mode']} {r['step_ms']:.1f} ms" for r in rows)
+        + f"; load {load_before[0]} -> {load_after[0]}", flush=True)
   return rows
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser()
-  parser.add_argument("--tasks", default="10,100,1000,3000")
-  parser.add_argument("--modes", default=",".join(MODES))
+  parser.add_argument("--tasks", default="10,1000,10000,30000")
+  # dense_rowwise: exact comparisons at small task counts (its temporaries grow with the tasks).
+  parser.add_argument("--modes", default="sparse,optax_adamw")
   parser.add_argument("--steps", type=int, default=10, help="Timed steps per mode per round.")
   parser.add_argument("--repeats", type=int, default=5, help="Rounds of every mode in turn.")
   parser.add_argument("--warmup", type=int, default=3)
@@ -191,12 +202,16 @@ def main(argv=None):
   parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR,
                                                     "step_time_vs_tasks.json"))
   args = parser.parse_args(argv)
+  task_counts = [int(t) for t in args.tasks.split(",")]
+  if len(set(task_counts)) < len(task_counts):
+    parser.error(f"--tasks: {args.tasks} names a task count twice; every count is interleaved "
+                 "with the others already")
   for mode in args.modes.split(","):
     if mode not in MODES:
       parser.error(f"--modes: unknown mode {mode!r}; use some of {MODES}")
   meta = common.run_metadata(None if argv is None else ["benchmarks/step_time_vs_tasks.py",
                                                         *argv])
-  rows = [r for t in args.tasks.split(",") for r in measure(int(t), args)]
+  rows = measure(task_counts, args)
   fewest = min(r["tasks"] for r in rows)
   base = {r["mode"]: r["step_ms"] for r in rows if r["tasks"] == fewest}
   table = []
@@ -207,10 +222,12 @@ def main(argv=None):
     table.append([r["tasks"], r["mode"], f"{r['step_ms']:.1f}",
                   f"{r['step_ms_min_round']:.0f}-{r['step_ms_max_round']:.0f}",
                   f"{r['ratio_to_fewest_tasks']:.2f}", f"{r['head_params']:,}",
+                  f"{r['head_params'] / r['head_params_exact']:.2f}",
+                  f"{r['head_params_padded'] / r['head_params_exact']:.2f}",
                   f"{r['state_mb']:.1f}", f"{r['temp_mb'] or 0:.1f}", f"{r['compile_s']:.1f}",
                   "-" if diff is None else f"{diff:.1e}"])
   print(common.fmt_table(["tasks", "mode", "step ms", "rounds ms", f"x {fewest} tasks",
-                          "head params", "state MB", "temp MB", "compile s",
+                          "head params", "/ sum C_t", "padded / sum C_t", "state MB", "temp MB", "compile s",
                           "|dparam| vs dense_rowwise"], table))
   common.write_result(args.out, meta, args=vars(args), device=str(jax.devices()[0]),
                       rows=rows)

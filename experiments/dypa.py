@@ -1,15 +1,28 @@
 """DyPa on the synthetic catalogue: MTL with and without dynamic parameter allocation.
 
-  python experiments/dypa.py [--seeds 0,1,2] [--steps 800] [--fraction 0.25]
+  python experiments/dypa.py [--seeds 0,1,2] [--steps 800] [--fraction 0.25] [--expand_tasks 0]
   python experiments/dypa.py --smoke   # a check that the script runs (~minutes on a CPU)
 
-For each seed (`config.seed`; the catalogue stays fixed) two runs of `configs/demo.py` with the
-same steps, data order and initialisation: plain MTL, and MTL with one DyPa allocation at half
-of training (`dypa.at_steps`, default selector: lowest validation accuracy). Up to the allocation
-both runs are the same computation, so the comparison is paired. The tasks DyPa selected are
-read from the DyPa run's checkpoint meta (`dypa_events`, through `workdir.open_run`); both runs
-are scored on those tasks, on the others and on all, from their test reports. The task-specific
-parameter share of each final checkpoint comes from `dypa.allocation_summary`.
+For each seed (`config.seed`; the catalogue stays fixed) four runs of `configs/demo.py` with the
+same steps, data order and initialisation:
+
+- `mtl`: plain MTL;
+- `mtl+dypa`: one DyPa allocation at half of training (`dypa.at_steps`, selector
+  `lowest_accuracy` on validation) of adapters of width `--adapter_size` to `--fraction` of the
+  tasks;
+- `mtl+dypa(random)`, the control: the same allocation (same step, count and adapter width) to
+  tasks drawn at random (`dypa.select="random"`, seeded by `config.seed` and the step);
+- `mtl+widen`: the same added budget spread over every task: at the same step every task gets
+  an adapter (`dypa.fraction=1.0`) of width `--adapter_size x --fraction` (rounded), so the
+  adapter weights match `mtl+dypa`'s (only the up-projection biases, one per task and hidden
+  unit, differ; the table gives the exact counts).
+
+Up to the allocation all runs are the same computation, so the comparison is paired (the script
+checks that the validation accuracy before the allocation is the same in all four). The tasks
+the `lowest_accuracy` run selected are read from its checkpoint meta (`dypa_events`, through
+`workdir.open_run`); every run is scored on those tasks, on the others and on all, from its test
+report, and paired against `mtl`. The task-specific and adapter parameters of each final
+checkpoint come from `dypa.allocation_summary`.
 
 The catalogue (16 tasks, generator seed 1) has several "fine" sites whose classes are sibling
 leaves, the hard tasks DyPa should find. Then the script times one host-side `dypa.expand` at
@@ -25,6 +38,8 @@ Prints a table and writes experiments/results/dypa.json (command, date, hardware
 """
 import argparse
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -42,6 +57,15 @@ CATALOGUE = {"num_tasks": 16, "seed": 1, "min_products": 300, "max_products": 20
 SMOKE_CATALOGUE = {"num_tasks": 4, "seed": 1, "min_products": 60, "max_products": 120}
 SMOKE_MODEL = {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
                "model.mlp_size": 64, "data.max_text_len": 24, "eval_batch_size": 64}
+# The variants, in table order; `gain (paired)` is `mtl+dypa` - `mtl`, as before the controls.
+VARIANTS = ("mtl", "mtl+dypa", "mtl+dypa(random)", "mtl+widen")
+# Paired differences per seed (a - b), in table order, with their row labels.
+PAIRS = {"gain (paired)": ("mtl+dypa", "mtl"),
+         "random - mtl (paired)": ("mtl+dypa(random)", "mtl"),
+         "widen - mtl (paired)": ("mtl+widen", "mtl"),
+         "dypa - random (paired)": ("mtl+dypa", "mtl+dypa(random)"),
+         "dypa - widen (paired)": ("mtl+dypa", "mtl+widen")}
+PARTS = ("selected", "unselected", "all")
 # jax.monitoring events that make up a compilation.
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -59,6 +83,33 @@ def base_config(args):
   return config
 
 
+def widen_size(args) -> int:
+  """The `mtl+widen` adapter width: the DyPa adapter width x the DyPa fraction (at least 1)."""
+  return max(1, round(args.adapter_size * args.fraction))
+
+
+def variant_fields(args, variant: str) -> dict:
+  """The config overrides that make `variant` out of `base_config`."""
+  allocate = {"dypa.at_steps": str(args.dypa_at)}
+  return {"mtl": {},
+          "mtl+dypa": allocate,
+          "mtl+dypa(random)": allocate | {"dypa.select": "random"},
+          "mtl+widen": allocate | {"dypa.fraction": 1.0,
+                                   "model.adapter_size": widen_size(args)}}[variant]
+
+
+def git_state() -> dict:
+  """The commit the script runs from and the files changed since (None outside a checkout)."""
+  def git(*argv):
+    return subprocess.run(["git", *argv], cwd=common.REPO_ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+  try:
+    return {"commit": git("rev-parse", "--short", "HEAD"),
+            "changed_files": git("status", "--porcelain", "--untracked-files=no").splitlines()}
+  except (OSError, subprocess.CalledProcessError):
+    return {"commit": None, "changed_files": None}
+
+
 def task_means(rows: list[dict], selected: set[str]) -> dict:
   """Mean test accuracy over the selected tasks, the unselected ones and all tasks."""
   accuracy = {r["task"]: r["accuracy"] for r in rows if r["accuracy"] is not None}
@@ -70,29 +121,50 @@ def task_means(rows: list[dict], selected: set[str]) -> dict:
 
 def one_seed(args, root, seed):
   runs = {}
-  for variant in ("mtl", "mtl+dypa"):
+  for variant in VARIANTS:
     config = base_config(args)
     config.seed = seed
     config.data.catalogue_dir = os.path.join(root, "catalogue")
-    if variant == "mtl+dypa":
-      config.dypa.at_steps = str(args.dypa_at)
-    workdir = common.fresh_workdir(root, f"{variant.replace('+', '_')}-seed{seed}")
+    common.set_fields(config, variant_fields(args, variant))
+    name = re.sub(r"\W+", "_", variant).strip("_")  # mtl, mtl_dypa, mtl_dypa_random, mtl_widen
+    workdir = common.fresh_workdir(root, f"{name}-seed{seed}")
     result = common.train_run(config, workdir)
     run, arrays = common.read_run(workdir)  # The final checkpoint, verified.
     allocation = dypa.allocation_summary(arrays, list(run.task_table.names))
     runs[variant] = {"workdir": workdir, "seconds": result["seconds"],
+                     "overrides": variant_fields(args, variant),
+                     "validation_curve": result["validation_curve"],
                      "test_summary": result["test"], "rows": common.report_rows(workdir),
                      "dypa_events": run.meta.get("dypa_events", []), "allocation": allocation}
-    print(f"  seed {seed} {variant:<9} mean test accuracy {result['test']['mean_accuracy']:.3f}"
-          f" ({result['seconds']:.0f} s)", flush=True)
-  events = runs["mtl+dypa"]["dypa_events"]
-  if len(events) != 1:
-    raise RuntimeError(f"expected one DyPa event in {runs['mtl+dypa']['workdir']}, got {events}")
-  selected = set(events[0]["tasks"])
+    print(f"  seed {seed} {variant:<16} mean test accuracy "
+          f"{result['test']['mean_accuracy']:.3f}, {allocation['adapter_slots']} adapters, "
+          f"{allocation['adapter_parameters']:,} adapter params ({result['seconds']:.0f} s)",
+          flush=True)
+  for variant in VARIANTS[1:]:
+    events = runs[variant]["dypa_events"]
+    if len(events) != 1:
+      raise RuntimeError(f"expected one DyPa event in {runs[variant]['workdir']}, got {events}")
+  # Pairing check: before the allocation every variant is the same computation.
+  before = {v: [a for step, a in r["validation_curve"] if step <= args.dypa_at][-1:]
+            for v, r in runs.items()}
+  same_before = len({tuple(a) for a in before.values()}) == 1
+  if not same_before:
+    print(f"  WARNING seed {seed}: validation accuracy at step {args.dypa_at} differs between "
+          f"variants {before}: the runs are not paired", flush=True)
+  event = runs["mtl+dypa"]["dypa_events"][0]
+  selected = set(event["tasks"])
   for run in runs.values():
     run["means"] = task_means(run["rows"], selected)
+  random_selected = set(runs["mtl+dypa(random)"]["dypa_events"][0]["tasks"])
+  # The random control on the tasks it drew itself, for the question "does any adapter help".
+  random_own = {v: task_means(runs[v]["rows"], random_selected)["selected"]
+                for v in ("mtl", "mtl+dypa(random)")}
   return {"seed": seed, "selected": sorted(selected),
-          "selected_scores": dict(zip(events[0]["tasks"], events[0]["scores"])), "runs": runs}
+          "selected_scores": dict(zip(event["tasks"], event["scores"])),
+          "random_selected": sorted(random_selected),
+          "random_own_selected": random_own,
+          "validation_before_allocation": before, "paired_before_allocation": same_before,
+          "runs": runs}
 
 
 def time_expand(num_tasks, hidden, max_classes, fraction, repeats):
@@ -168,6 +240,7 @@ def main():
   args.dypa_at = args.dypa_at or args.steps // 2
   seeds = [int(s) for s in args.seeds.split(",")]
   meta = common.run_metadata()
+  git = git_state()  # At the start: the code this run imported.
   started = time.perf_counter()
 
   root = os.path.abspath(args.workdir)
@@ -175,40 +248,56 @@ def main():
   catalogue_fields = SMOKE_CATALOGUE if args.smoke else CATALOGUE
   config.data.catalogue_dir = common.make_catalogue(root, catalogue_fields, config)
   common.prepare_shared(config, root)
-  print(f"DyPa experiment: {len(seeds)} seeds x (MTL, MTL+DyPa at step {args.dypa_at}) x "
-        f"{args.steps} steps, fraction {args.fraction}", flush=True)
+  print(f"DyPa experiment: {len(seeds)} seeds x ({', '.join(VARIANTS)}; allocation at step "
+        f"{args.dypa_at}) x {args.steps} steps; fraction {args.fraction} of adapters of width "
+        f"{args.adapter_size}; widen: every task, width {widen_size(args)}", flush=True)
   per_seed = [one_seed(args, root, seed) for seed in seeds]
   training_seconds = time.perf_counter() - started
 
   summary = {}
-  for variant in ("mtl", "mtl+dypa"):
+  for variant in VARIANTS:
     summary[variant] = {
         part: common.mean_std([s["runs"][variant]["means"][part] for s in per_seed])
-        for part in ("selected", "unselected", "all")}
-    summary[variant]["task_specific_share"] = common.mean_std(
-        [s["runs"][variant]["allocation"]["task_specific_share"] for s in per_seed])
-    summary[variant]["adapter_share"] = common.mean_std(
-        [s["runs"][variant]["allocation"]["adapter_share"] for s in per_seed])
-  summary["gain"] = {
-      part: common.mean_std([s["runs"]["mtl+dypa"]["means"][part]
-                             - s["runs"]["mtl"]["means"][part] for s in per_seed])
-      for part in ("selected", "unselected", "all")}
+        for part in PARTS}
+    for key in ("task_specific_share", "adapter_share", "adapter_parameters", "adapter_slots"):
+      summary[variant][key] = common.mean_std(
+          [s["runs"][variant]["allocation"][key] for s in per_seed])
+  paired = {label: {part: common.mean_std([s["runs"][a]["means"][part]
+                                           - s["runs"][b]["means"][part] for s in per_seed])
+                    for part in PARTS}
+            for label, (a, b) in PAIRS.items()}
+  summary["gain"] = paired["gain (paired)"]  # mtl+dypa - mtl (the schema before the controls).
+  summary["paired"] = paired
+  summary["random_own_selected_gain"] = common.mean_std(
+      [s["random_own_selected"]["mtl+dypa(random)"] - s["random_own_selected"]["mtl"]
+       for s in per_seed])
+
+  def count(stat):  # Exact when every seed has the same count (the allocation sizes are fixed).
+    if stat["std"] == 0:
+      return f"{stat['mean']:,.0f}"
+    return f"{stat['mean']:,.1f} ± {stat['std']:.1f}"
 
   headers = ["variant", "selected tasks", "unselected tasks", "all tasks",
-             "task-specific params", "adapter params"]
+             "task-specific params", "adapter params", "adapters", "adapter param count"]
   table_rows = [[v, common.fmt(summary[v]["selected"]), common.fmt(summary[v]["unselected"]),
                  common.fmt(summary[v]["all"]),
                  f"{100 * summary[v]['task_specific_share']['mean']:.2f}%",
-                 f"{100 * summary[v]['adapter_share']['mean']:.2f}%"]
-                for v in ("mtl", "mtl+dypa")]
-  table_rows.append(["gain (paired)", common.fmt(summary["gain"]["selected"]),
-                     common.fmt(summary["gain"]["unselected"]), common.fmt(summary["gain"]["all"]),
-                     "", ""])
+                 f"{100 * summary[v]['adapter_share']['mean']:.2f}%",
+                 count(summary[v]["adapter_slots"]), count(summary[v]["adapter_parameters"])]
+                for v in VARIANTS]
+  table_rows += [[label, *(common.fmt(paired[label][part]) for part in PARTS), "", "", "", ""]
+                 for label in PAIRS]
   table = common.format_table(headers, table_rows)
-  print(f"\nMean per-task test accuracy, mean ± std over seeds {seeds}:")
+  print(f"\nMean per-task test accuracy, mean ± std over seeds {seeds}; 'selected' = the tasks "
+        "mtl+dypa (lowest_accuracy) selected:")
   print(table)
   for s in per_seed:
-    print(f"  seed {s['seed']}: DyPa selected {', '.join(s['selected'])}")
+    overlap = len(set(s["selected"]) & set(s["random_selected"]))
+    own = s["random_own_selected"]
+    print(f"  seed {s['seed']}: DyPa selected {', '.join(s['selected'])}; random selected "
+          f"{', '.join(s['random_selected'])} ({overlap} in common; on them random - mtl "
+          f"{own['mtl+dypa(random)'] - own['mtl']:+.3f})"
+          + ("" if s["paired_before_allocation"] else " NOT PAIRED"))
 
   expand_timing = None
   if args.expand_tasks:
@@ -224,7 +313,8 @@ def main():
 
   total_seconds = time.perf_counter() - started
   common.write_json(args.out, {
-      **meta, "experiment": "dypa", "args": vars(args), "catalogue": catalogue_fields,
+      **meta, "git": git, "experiment": "dypa", "args": vars(args),
+      "catalogue": catalogue_fields,
       "base_config": "configs/demo.py", "seeds": seeds, "summary": summary, "table": table,
       "per_seed": [{**s, "runs": {v: {k: r[k] for k in r if k != "rows"} | {"test_rows": r["rows"]}
                                   for v, r in s["runs"].items()}} for s in per_seed],

@@ -47,7 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.mlp_size = 128
   c.model.dropout = 0.1
-  c.model.max_classes = 32  # Width of every task head; each task masks the classes it lacks.
+  c.model.max_classes = 32  # Logits' width: the widest task's class count or more.
+  # Heads are stored in blocks of this many classes: a task of C_t classes holds
+  # ceil(C_t / classes_per_block) blocks, so head memory follows the real class counts.
+  c.model.classes_per_block = 8
   # A DyPa adapter: `adapter_layers` residual blocks x + up(gelu(down(x))) of width
   # `adapter_size` on the pooled state before the task's head. Narrower than hidden_size: a
   # bottleneck adapter; wider or deeper: a bigger task-specific head path.
@@ -82,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dypa = ml_collections.ConfigDict()
   c.dypa.at_steps = ""  # Comma-separated steps at which to allocate, e.g. "2000,4000".
   c.dypa.every_evals = 0  # Also after every k-th validation evaluation (0: never).
-  c.dypa.select = "lowest_accuracy"  # | "highest_loss" | "baseline_gap" | "explicit"
+  c.dypa.select = "lowest_accuracy"  # | "highest_loss" | "baseline_gap" | "explicit" | "random"
   c.dypa.fraction = 0.1  # Share of the candidate tasks selected per allocation.
   c.dypa.tasks = ""  # "explicit": comma-separated task names.
   c.dypa.baseline = ""  # "baseline_gap": JSON {task: accuracy} or a report with "tasks" rows.
@@ -138,7 +141,7 @@ def base_config() -> ml_collections.ConfigDict:
       ("heads", "model"),
       ("kv", None),
       ("layers", None),
-      ("task", "auto"),  # Heads split by task over `data` where they outweigh the encoder.
+      ("task", "auto"),  # Head blocks split over `data` where they outweigh the encoder.
       ("adapter", None),
       ("classes", None),
       ("bottleneck", None),
@@ -221,6 +224,7 @@ NUMERIC_RANGES = {
     "model.mlp_size": _int(1),
     "model.dropout": _Range(**_UNIT),
     "model.max_classes": _int(2, why="a task head needs at least two classes"),
+    "model.classes_per_block": _int(1),
     "model.adapter_size": _int(1),
     "model.adapter_layers": _int(1, why="1 is one residual block"),
     "optimizer.learning_rate": _Range(**_POSITIVE, why="a negative rate trains backwards"),

@@ -4,8 +4,9 @@
 
 Nothing is allocated and no data is generated. The shapes come from `jax.eval_shape` of the
 trainer's own `init_state`, the sizes the data would fix come from the config (the task count,
-image size and images per product from `data.synthetic`, or from `tasks.json` when
-`data.catalogue_dir` is set; the vocabulary from `data.vocab_size`, an upper bound of the
+class counts, image size and images per product from `data.synthetic`, whose sites are drawn
+without making any product, or from `tasks.json` when `data.catalogue_dir` is set; the
+class counts less `eval.holdout_classes` size the head blocks; the vocabulary from `data.vocab_size`, an upper bound of the
 generated vocabulary, or from `data.tokenizer_dir` / `model.text_init` when set), and the
 placement comes from `state.Model.state_shardings`, the same shardings training uses, on a mesh of
 `--num_devices` devices (fake CPU devices when more than this machine has). Each leaf's bytes
@@ -40,6 +41,7 @@ from mtl_jax import config_base
 from mtl_jax import sharding
 from mtl_jax import state as state_lib
 from mtl_jax import steps
+from mtl_jax import synthetic as synthetic_lib
 
 # Groups of the train state, as (name, path into TrainState).
 GROUPS = (
@@ -60,7 +62,7 @@ class DataSizes:
   image_dim: int
   max_images: int
   vocab_size: int
-  num_classes: np.ndarray  # [T]; only its length matters for shapes.
+  num_classes: np.ndarray  # [T] trained class counts; they size the head blocks.
   source: str  # Where these sizes came from, for the printed table.
 
 
@@ -68,13 +70,15 @@ def data_sizes(config) -> DataSizes:
   """Task count, image sizes and vocabulary without generating or preparing any data."""
   if config.data.catalogue_dir:
     table = catalogue_lib.read_task_table(config.data.catalogue_dir)
-    num_classes = np.asarray(table.num_classes, np.int32)
     config_base.validate_against_data(config, table)
+    num_classes, _ = state_lib.holdout_for(config, table)
     image_dim, max_images = table.image_dim, table.max_images
     source = f"task table of {config.data.catalogue_dir}"
   else:
     synthetic = config.data.synthetic
-    num_classes = np.full((synthetic.num_tasks,), config.model.max_classes, np.int32)
+    num_classes, _ = state_lib.holdout_plan(
+        synthetic_lib.task_class_names(synthetic), config.eval.holdout_classes,
+        config.eval.holdout_mode)
     image_dim, max_images = synthetic.image_dim, synthetic.max_images
     source = "config.data.synthetic"
   if config.data.tokenizer_dir:
@@ -228,7 +232,7 @@ def format_table(summary: dict) -> str:
                  f"{_human(row['bytes_per_device']):>12}")
   heads = summary["heads_split_over"]
   lines.append(f"task heads and their optimizer state: "
-               + (f"split by task over '{heads}'" if heads else "whole on every device"))
+               + (f"split by block row over '{heads}'" if heads else "whole on every device"))
   compiled = summary["compiled"]
   if compiled:
     lines.append(f"compiled train step ({compiled['platform']}, "

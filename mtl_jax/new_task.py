@@ -16,8 +16,8 @@ What happens:
      fingerprints (`workdir.open_run`), with its tokenizer (token ids must stay those the
      encoder learnt). Every argument is checked before `new_workdir` is created, and the new
      workdir is locked against a second writer.
-  2. `state.grow` (the growth function DyPa uses too) appends one head row per new task, and
-     rows to their row-wise AdamW state (zero moments, zero step count). With `with_adapter`,
+  2. `state.grow` (the growth function DyPa uses too) gives each new task head blocks after
+     the existing tasks' ones, with row-wise AdamW state (zero moments, zero step count). With `with_adapter`,
      one adapter slot per new task is appended too (zero output projection, so it starts as
      the identity) and `adapter_map` points the new task at it; otherwise the new task maps to
      slot 0 (no adapter). `num_classes` grows by the new tasks' (trained) class counts.

@@ -1,7 +1,8 @@
 """Optimisers: optax AdamW for the shared encoder, a row-wise AdamW for stacked task parameters.
 
-The task heads hold one row per task and the adapters one row per slot. A batch holds examples of
-a few dozen tasks, so with `task_update="sparse"` the step updates only those rows: it gathers
+The task heads hold a few rows (class blocks) per task and the adapters one row per slot. A batch
+holds examples of a few dozen tasks, so with `task_update="sparse"` the step updates only their
+rows: it gathers
 their gradients, moments and parameters, applies AdamW, and scatters them back. A task absent
 from a batch is left exactly as it was: no weight decay, no drift on old momentum, and its own
 step counter for Adam's bias correction (as a sparse optimiser that skips parameters with no

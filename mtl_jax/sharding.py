@@ -46,14 +46,15 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 AUTO = "auto"
 
 
-def resolve_rules(rules, mesh: Mesh, num_tasks: int, head_params: int, encoder_params: int):
+def resolve_rules(rules, mesh: Mesh, num_rows: int, head_params: int, encoder_params: int):
   """The rules with `("task", "auto")` decided for this model and mesh.
 
-  The stacked heads (and their two AdamW moments) are split by task over `data` when that pays
-  and is possible: the heads hold at least a tenth as many parameters as the encoder (below
-  that, the memory saved is small next to the rows gathered across devices each step), `data`
-  has more than one device and the task count divides by it (JAX refuses uneven splits).
-  Otherwise each device holds them whole.
+  The stacked head blocks (and their two AdamW moments) are split by block row over `data` when
+  that pays and is possible: the heads hold at least a tenth as many parameters as the encoder
+  (below that, the memory saved is small next to the rows gathered across devices each step),
+  `data` has more than one device and the row count (`num_rows`, a multiple of
+  `task_layers.ROW_MULTIPLE`) divides by it (JAX refuses uneven splits). Otherwise each device
+  holds them whole.
   """
   resolved = []
   for name, axis in rules:
@@ -61,7 +62,7 @@ def resolve_rules(rules, mesh: Mesh, num_tasks: int, head_params: int, encoder_p
       if name != "task":
         raise ValueError(f"config.sharding_rules: {name!r} -> 'auto'; only 'task' may be 'auto'.")
       data = mesh.shape["data"]
-      pays = 10 * head_params >= encoder_params and data > 1 and num_tasks % data == 0
+      pays = 10 * head_params >= encoder_params and data > 1 and num_rows % data == 0
       axis = "data" if pays else None
     resolved.append((name, axis))
   return tuple(resolved)

@@ -5,9 +5,10 @@ logical axis names (the encoder's, and `task_layers.PARAM_AXES`) and the config'
 `Model.create_state` is `jax.jit(init_state, out_shardings=...)`, so parameters are born sharded.
 
 The state grows in two ways, both through `grow`: DyPa gives existing tasks adapter slots of their
-own, and `new_task` appends task rows (and optionally their adapters). Growing appends rows to the
-stacked arrays and to their row-wise optimiser state (zero moments, zero step counts); the new
-adapter slots start as the identity, so no existing output changes at that moment.
+own, and `new_task` adds tasks: head blocks after the existing tasks' ones (and optionally
+adapters). Growing adds rows to the stacked arrays and to their row-wise optimiser state (zero
+moments, zero step counts); the new adapter slots start as the identity, so no existing output
+changes at that moment.
 """
 import dataclasses
 import functools
@@ -146,6 +147,7 @@ class Model:
     train_encoder: False: the encoder runs frozen (inference mode, no gradient, no augmentation)
       and only task rows learn (`new_task`).
     tx: the encoder's optax optimiser.
+    head_layout: where each task's classes live in the stacked head blocks.
     class_order: None (model order = catalogue order), or [T, C] each task's catalogue class
       indices in head-column order (`holdout_plan`).
     label_map: None, or [T, C] the inverse: catalogue label -> head column. The steps apply it
@@ -165,6 +167,8 @@ class Model:
       rows, cols = np.nonzero(self.class_order >= 0)
       self.label_map[rows, self.class_order[rows, cols]] = cols
     self.num_tasks = len(self.num_classes)
+    self.head_layout = task_layers.HeadLayout.for_classes(
+        self.num_classes, config.model.classes_per_block, config.model.max_classes)
     self.mesh = mesh
     self.schedule = optim.learning_rate_schedule(
         config, config.total_steps if schedule_steps is None else schedule_steps)
@@ -188,8 +192,8 @@ class Model:
                             ["params"])
     m = self.config.model
     tasks = task_layers.init_task_params(
-        task_rng, self.num_tasks, num_adapter_slots, self.spec.hidden_size, m.max_classes,
-        m.adapter_size, m.adapter_layers)
+        task_rng, self.head_layout, num_adapter_slots, self.spec.hidden_size, m.adapter_size,
+        m.adapter_layers)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params={"encoder": encoder, "tasks": tasks},
@@ -224,10 +228,10 @@ class Model:
         task_opt_state={k: optim.RowAdamState(mu=task_specs[k], nu=task_specs[k],
                                               count=P(row_axis[k])) for k in task_specs},
         adapter_map=P(), num_classes=P())
-    m = self.config.model
+    layout = self.head_layout
     rules = sharding.resolve_rules(
-        self.config.sharding_rules, self.mesh, self.num_tasks,
-        head_params=self.num_tasks * (self.spec.hidden_size + 1) * m.max_classes,
+        self.config.sharding_rules, self.mesh, layout.num_rows,
+        head_params=layout.num_rows * (self.spec.hidden_size + 1) * layout.block,
         encoder_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(boxed))))
     return sharding.logical_to_sharding(specs, self.mesh, rules)
 
@@ -259,9 +263,18 @@ def _append_rows(params, opt_state: optim.RowAdamState, fresh):
                              count=concat(opt_state.count, jnp.zeros((num_new,), jnp.int32))))
 
 
-def _grow_heads(heads, heads_opt, num_classes, fresh, new_num_classes):
-  heads, heads_opt = _append_rows(heads, heads_opt, fresh)
-  return heads, heads_opt, jnp.concatenate([num_classes, new_num_classes.astype(jnp.int32)])
+def _grow_heads(heads, heads_opt, num_classes, fresh, rows, new_num_classes, *, num_rows: int):
+  """Head blocks for new tasks: every array extended to `num_rows` block rows, and the new
+  tasks' blocks (`rows`) set to `fresh`, with zero moments and step counts."""
+  def place(old, new):
+    pad = jnp.zeros((num_rows - old.shape[0],) + old.shape[1:], old.dtype)
+    return jnp.concatenate([old, pad]).at[rows].set(new.astype(old.dtype))
+  zeros = jax.tree.map(jnp.zeros_like, fresh)
+  heads_opt = optim.RowAdamState(
+      mu=jax.tree.map(place, heads_opt.mu, zeros), nu=jax.tree.map(place, heads_opt.nu, zeros),
+      count=place(heads_opt.count, jnp.zeros(rows.shape, jnp.int32)))
+  return (jax.tree.map(place, heads, fresh), heads_opt,
+          jnp.concatenate([num_classes, new_num_classes.astype(jnp.int32)]))
 
 
 def _grow_adapters(adapters, adapters_opt, adapter_map, fresh, tasks):
@@ -280,8 +293,8 @@ def grow(model: Model, state: TrainState, seed: tuple[int, ...], *, new_num_clas
     state: the state to grow; it is not changed.
     seed: seeds the NumPy generator that initialises the new head rows and adapter slots on
       the host (the same values in every process).
-    new_num_classes: trained class counts of tasks appended after the existing ones (a head row
-      each, adapter slot 0 = none).
+    new_num_classes: trained class counts of tasks appended after the existing ones (their head
+      blocks, adapter slot 0 = none).
     adapter_tasks: task indices (in the grown task list) that get one new adapter slot each,
       in order; a task keeps its old slot otherwise.
 
@@ -298,14 +311,18 @@ def grow(model: Model, state: TrainState, seed: tuple[int, ...], *, new_num_clas
   m, hidden = model.config.model, model.spec.hidden_size
   shardings = model.state_shardings()
   if len(new_num_classes):
-    key = ("grow_heads", heads["kernel"].shape[0], len(new_num_classes))
+    layout = model.head_layout
+    old_tasks = num_classes.shape[0]
+    rows = np.concatenate([layout.task_rows(t) for t in range(old_tasks, layout.num_blocks.size)])
+    key = ("grow_heads", heads["kernel"].shape[0], layout.num_rows, len(rows))
     if key not in model.jit_cache:
-      model.jit_cache[key] = jax.jit(_grow_heads, out_shardings=(
-          shardings.params["tasks"]["heads"], shardings.task_opt_state["heads"],
-          shardings.num_classes))
+      model.jit_cache[key] = jax.jit(
+          functools.partial(_grow_heads, num_rows=layout.num_rows), out_shardings=(
+              shardings.params["tasks"]["heads"], shardings.task_opt_state["heads"],
+              shardings.num_classes))
     heads, heads_opt, num_classes = model.jit_cache[key](
         heads, heads_opt, num_classes,
-        task_layers.init_heads(head_rng, len(new_num_classes), hidden, m.max_classes),
+        task_layers.init_heads(head_rng, len(rows), hidden, layout.block), rows,
         new_num_classes)
     adapter_map = jax.device_put(
         jnp.concatenate([adapter_map, jnp.zeros(len(new_num_classes), jnp.int32)]),

@@ -33,7 +33,8 @@ def forward(model: Model, encoder_params, task_params, batch, head_index, adapte
     encoder_params: the encoder's parameters.
     task_params: {"heads", "adapters"} stacked rows (all of them, or the rows of a batch).
     batch: token_ids, token_mask, images, image_mask.
-    head_index, adapter_index: [B] each example's row in `task_params`.
+    head_index: [B, K] each example's head block rows in `task_params` (out of range: none).
+    adapter_index: [B] each example's adapter row in `task_params`.
     adapter_active: [B] bool; False where the example's task has no adapter (slot 0: identity).
     rng: dropout rng; None runs the encoder in inference mode.
     mix: the embedding-augmentation hook `mix(name, x, mask)` (train step only).
@@ -44,15 +45,17 @@ def forward(model: Model, encoder_params, task_params, batch, head_index, adapte
                                   rngs={} if rng is None else {"dropout": rng}, mix=mix)
   pooled = mix("pooled", pooled, None)
   return task_layers.apply_task_layers(task_params, pooled, head_index, adapter_index,
-                                       adapter_active, with_features)
+                                       adapter_active, model.config.model.max_classes,
+                                       with_features)
 
 
 def logits(model: Model, params, adapter_map, batch, with_features: bool = False):
   """[B, C] float32 logits of every example, with every task row available (inference); with
   `with_features`, (logits, [B, H] float32 head inputs)."""
   slots = adapter_map[batch["task_id"]]
-  out = forward(model, params["encoder"], params["tasks"], batch, batch["task_id"], slots,
-                slots > 0, with_features=with_features)
+  out = forward(model, params["encoder"], params["tasks"], batch,
+                model.head_layout.example_rows(batch["task_id"]), slots, slots > 0,
+                with_features=with_features)
   return jax.tree.map(lambda x: x.astype(jnp.float32), out)
 
 
@@ -82,17 +85,20 @@ def train_step(model: Model, state: TrainState, batch: dict):
   class_mask = task_layers.class_mask(state.num_classes, task_ids, config.model.max_classes)
   # Examples whose label is outside their task's trained classes (held out) carry no loss.
   weight = (batch["label"] < state.num_classes[task_ids]).astype(jnp.float32)
+  layout = model.head_layout
+  example_blocks = layout.example_rows(task_ids)  # [B, K]; num_rows where a task has fewer.
   if config.optimizer.task_update == "sparse":
     # Examples without loss index an out-of-range padding row: read as zeros, never written.
     head_rows, head_index = optim.unique_rows(
-        jnp.where(weight > 0, task_ids, model.num_tasks), model.num_tasks,
-        min(batch_size, model.num_tasks + 1))
+        jnp.where(weight[:, None] > 0, example_blocks, layout.num_rows).reshape(-1),
+        layout.num_rows, min(example_blocks.size, layout.num_rows + 1))
+    head_index = head_index.reshape(example_blocks.shape)
     # Slot 0 (no adapter) is never updated: its examples index the padding row too.
     adapter_rows, adapter_index = optim.unique_rows(
         jnp.where((slots > 0) & (weight > 0), slots, num_slots), num_slots,
         min(batch_size, num_slots))
   else:
-    head_rows, head_index = jnp.arange(model.num_tasks), task_ids
+    head_rows, head_index = jnp.arange(layout.num_rows), example_blocks
     adapter_rows, adapter_index = jnp.arange(num_slots), slots
   rows = {"heads": head_rows, "adapters": adapter_rows}
   row_params = {k: optim.gather_rows(tasks[k], rows[k]) for k in rows}
@@ -149,7 +155,9 @@ def train_step(model: Model, state: TrainState, batch: dict):
       "grad_norm": grad_norm,
       "encoder_param_norm": optax.global_norm(encoder),
       "learning_rate": learning_rate,
-      "tasks_in_batch": jnp.sum(head_rows < model.num_tasks),
+      "tasks_in_batch": jnp.sum(optim.unique_rows(
+          jnp.where(weight > 0, task_ids, model.num_tasks), model.num_tasks,
+          min(batch_size, model.num_tasks + 1))[0] < model.num_tasks),
   }
   metrics.update(aug_stats)
   new_state = state.replace(

@@ -518,6 +518,18 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
   return out
 
 
+def task_class_names(cfg: Any, taxonomy: str | os.PathLike | Taxonomy | None = None
+                     ) -> list[tuple[str, ...]]:
+  """Each task's class names as `generate_catalogue` writes them, without making any product
+  (the dry run sizes the heads from them)."""
+  config = _config_dict(cfg)
+  tax = taxonomy if isinstance(taxonomy, Taxonomy) else load_taxonomy(taxonomy)
+  world = _World(tax, config["seed"], config["image_dim"])
+  # The first draws of a task's content stream make its site (`_task_records`).
+  return [tuple(_make_site(world, config, _rng(config["seed"], _CONTENT, t)).class_names)
+          for t in range(config["num_tasks"])]
+
+
 def task_name(task: int, num_tasks: int) -> str:
   return f"site{task:0{max(4, len(str(num_tasks - 1)))}d}"
 

@@ -1,17 +1,22 @@
 """Task heads and DyPa adapters: one stacked parameter tree each, applied per example by index.
 
-    heads:    kernel [T, H, C], bias [T, C]      row t is task t's classifier
+    heads:    kernel [R, H, b], bias [R, b]      row r is one block of b classes of one task
     adapters: down [A, L, H, r], down_bias [A, L, r], up [A, L, r, H], up_bias [A, L, H]
               row a is adapter slot a (L residual blocks); slot 0 is "no adapter" (identity)
 
-An example of task t uses head row t and adapter row `adapter_map[t]`. Each head is a function of
-one row; `jax.vmap` over the batch applies every example's own row, gathered by index, so one
-compiled program serves any number of tasks (never a Python loop, never one program per task).
-C is the widest task's class count; narrower tasks mask the columns they lack (`losses.py`).
+Heads are stored in blocks of b = `model.classes_per_block` classes, so that their memory follows
+the real class counts: task t owns ceil(C_t / b) consecutive block rows (`HeadLayout`), not a row
+padded to the widest task. An example of task t gathers its task's blocks (up to K = ceil(C / b),
+C = `model.max_classes`; blocks a task lacks read as zeros) and adapter row `adapter_map[t]`, and
+its logits are the blocks side by side, cut to C columns. One compiled program serves any number
+and mix of tasks (never a Python loop, never one program per task); columns past a task's class
+count are masked (`losses.py`).
 
 The functions take the rows to use (`head_index`, `adapter_index` index into whatever leading
 axis the given tree has), so the train step can pass just the rows of the tasks in its batch.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,11 +43,65 @@ def _sampler(rng):
           lambda shape: jnp.zeros(shape, jnp.float32))
 
 
-def init_heads(rng, num_tasks: int, hidden_size: int, max_classes: int) -> dict:
+# Head block rows are allocated in multiples of this, so that they split evenly over a `data`
+# axis of up to 64 devices (`sharding.resolve_rules`); the spare rows are never read.
+ROW_MULTIPLE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+  """Where each task's classes live in the stacked head blocks.
+
+  Attributes:
+    first_block: [T] int32, each task's first block row.
+    num_blocks: [T] int32, its block count, ceil(C_t / block) (at least 1).
+    num_rows: the block rows allocated: sum(num_blocks) rounded up to `ROW_MULTIPLE`.
+    block: classes per block.
+    max_classes: the logits' width C.
+  """
+  first_block: np.ndarray
+  num_blocks: np.ndarray
+  num_rows: int
+  block: int
+  max_classes: int
+
+  @classmethod
+  def for_classes(cls, num_classes, block: int, max_classes: int) -> "HeadLayout":
+    num_blocks = np.maximum(-(-np.asarray(num_classes, np.int64) // block), 1).astype(np.int32)
+    first = (np.cumsum(num_blocks) - num_blocks).astype(np.int32)
+    used = int(num_blocks.sum())
+    return cls(first, num_blocks, -(-max(used, 1) // ROW_MULTIPLE) * ROW_MULTIPLE, block,
+               max_classes)
+
+  @property
+  def blocks_per_example(self) -> int:
+    return -(-self.max_classes // self.block)
+
+  def task_rows(self, task: int) -> np.ndarray:
+    """The block rows of task `task`, in class order."""
+    return self.first_block[task] + np.arange(self.num_blocks[task])
+
+  def example_rows(self, task_ids) -> jax.Array:
+    """[B, K] each example's block rows; `num_rows` (out of range) where its task has fewer."""
+    k = jnp.arange(self.blocks_per_example)[None, :]
+    first = jnp.asarray(self.first_block)[task_ids][:, None]
+    count = jnp.asarray(self.num_blocks)[task_ids][:, None]
+    return jnp.where(k < count, first + k, self.num_rows).astype(jnp.int32)
+
+  def task_head(self, heads, task: int) -> dict:
+    """Task `task`'s classifier as one array: {"kernel" [H, C_t'], "bias" [C_t']}, its blocks
+    side by side (C_t' = num_blocks * block; columns past the task's classes are unused)."""
+    rows = self.task_rows(task)
+    kernel = np.asarray(heads["kernel"])[rows]
+    return {"kernel": np.concatenate(list(kernel), axis=-1),
+            "bias": np.asarray(heads["bias"])[rows].reshape(-1)}
+
+
+def init_heads(rng, num_rows: int, hidden_size: int, block: int) -> dict:
   normal, zeros = _sampler(rng)
   return {
-      "kernel": 0.02 * normal((num_tasks, hidden_size, max_classes)),
-      "bias": zeros((num_tasks, max_classes)),
+      "kernel": 0.02 * normal((num_rows, hidden_size, block)),
+      "bias": zeros((num_rows, block)),
   }
 
 
@@ -59,11 +118,11 @@ def init_adapters(rng, num_slots: int, hidden_size: int, adapter_size: int,
   }
 
 
-def init_task_params(rng, num_tasks, num_adapter_slots, hidden_size, max_classes, adapter_size,
+def init_task_params(rng, layout: HeadLayout, num_adapter_slots, hidden_size, adapter_size,
                      adapter_layers=1):
   head_rng, adapter_rng = jax.random.split(rng)
   return {
-      "heads": init_heads(head_rng, num_tasks, hidden_size, max_classes),
+      "heads": init_heads(head_rng, layout.num_rows, hidden_size, layout.block),
       "adapters": init_adapters(adapter_rng, num_adapter_slots, hidden_size, adapter_size,
                                 adapter_layers),
   }
@@ -81,31 +140,31 @@ def _adapter(row, x):
   return x
 
 
-def _head(row, x):
-  """One task's linear classifier on one pooled vector."""
-  return x @ row["kernel"] + row["bias"]
-
-
 def _gather(tree, index):
   return jax.tree.map(lambda x: jnp.take(x, index, axis=0), tree)
 
 
 def apply_task_layers(task_params, pooled, head_index, adapter_index, adapter_active,
-                      with_features: bool = False):
-  """pooled [B, H] -> logits [B, C] through each example's own adapter and head.
+                      max_classes: int, with_features: bool = False):
+  """pooled [B, H] -> logits [B, C] through each example's own adapter and head blocks.
 
   With `with_features`, returns (logits, the head's input [B, H]: pooled after the adapter).
 
   Args:
     task_params: {"heads": ..., "adapters": ...}, any number of rows each.
     pooled: [B, H] float32.
-    head_index: [B] int, the example's row in `task_params["heads"]`.
+    head_index: [B, K] int, the example's block rows in `task_params["heads"]`; an out-of-range
+      index reads as a zero block.
     adapter_index: [B] int, the example's row in `task_params["adapters"]`.
     adapter_active: [B] bool, False where the example's task maps to slot 0 (identity).
+    max_classes: C, the logits' width.
   """
   adapted = jax.vmap(_adapter)(_gather(task_params["adapters"], adapter_index), pooled)
   pooled = jnp.where(adapter_active[:, None], adapted, pooled)
-  out = jax.vmap(_head)(_gather(task_params["heads"], head_index), pooled)
+  blocks = jax.tree.map(lambda x: jnp.take(x, head_index, axis=0, mode="fill", fill_value=0),
+                        task_params["heads"])  # kernel [B, K, H, b], bias [B, K, b]
+  out = jnp.einsum("bh,bkhc->bkc", pooled, blocks["kernel"]) + blocks["bias"]
+  out = out.reshape(out.shape[0], -1)[:, :max_classes]
   return (out, pooled) if with_features else out
 
 

@@ -207,12 +207,25 @@ def _task_table_changes(saved: cat.TaskTable, now: cat.TaskTable) -> list[str]:
   return changes
 
 
+def check_head_layout(meta: dict, checkpoint) -> None:
+  """Refuses a checkpoint whose heads are one row per task padded to `model.max_classes` (saved
+  before heads were stored in class blocks, `model.classes_per_block`): its arrays have other
+  shapes, and read as damaged otherwise."""
+  if "classes_per_block" not in json.loads(meta["config"]).get("model", {}):
+    raise RunDirError(
+        f"{checkpoint} stores its task heads as one row per task padded to model.max_classes, a "
+        "layout this version of mtl_jax no longer reads (heads are now blocks of "
+        "model.classes_per_block classes). Fix: train the run again in a new --workdir, or use "
+        "the mtl_jax version that wrote it.")
+
+
 def check_resume(meta: dict, config, task_table: cat.TaskTable, checkpoint: str) -> None:
   """Refuses to resume a checkpoint with another task table or an unsafe config change.
 
   Raises:
     RunDirError: with every change (saved -> now) and the fix.
   """
+  check_head_layout(meta, checkpoint)
   problems = []
   saved_table = cat.TaskTable.from_json(meta["task_table"], source=f"{checkpoint} meta")
   problems += [f"catalogue: {c}" for c in _task_table_changes(saved_table, task_table)]
@@ -469,6 +482,11 @@ def open_run(workdir: str | os.PathLike, step: int | str | None = None) -> Run:
     raise checkpointing.CheckpointError(
         f"{checkpoints / str(step)}: its metadata does not read back ({e}). Fix: use another "
         f"checkpoint with --step (this run has {steps}).") from None
+  try:
+    check_head_layout(meta, checkpoints / str(step))
+  except RunDirError:
+    manager.close()
+    raise
   config = ml_collections.ConfigDict(json.loads(meta["config"]))
   task_table = cat.TaskTable.from_json(meta["task_table"],
                                        source=f"{checkpoints / str(step)} meta.task_table")

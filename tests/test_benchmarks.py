@@ -11,6 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+from benchmarks import common as bench_common
+from mtl_jax import task_layers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -68,7 +71,7 @@ def test_optax_adamw_baseline_computes_the_dense_rowwise_update():
   from benchmarks import step_time_vs_tasks
   args = argparse.Namespace(modes="dense_rowwise,optax_adamw", steps=2, repeats=2,
                             warmup=1, batch_size=8, hidden=16, text_len=8, max_classes=8)
-  rows = step_time_vs_tasks.measure(5, args)
+  rows = step_time_vs_tasks.measure([5], args)
   by_mode = {r["mode"]: r for r in rows}
   assert set(by_mode) == {"dense_rowwise", "optax_adamw"}
   assert by_mode["optax_adamw"]["max_abs_param_diff_vs_dense_rowwise"] < 1e-5
@@ -76,7 +79,8 @@ def test_optax_adamw_baseline_computes_the_dense_rowwise_update():
     assert len(r["round_ms"]) == 2 and all(len(t) == 2 for t in r["step_s"])
     assert r["step_ms"] == pytest.approx(float(np.median(r["round_ms"])))
     assert np.isfinite(r["last_loss"]) and r["temp_mb"] is not None
-    assert r["head_params"] == 5 * (16 + 1) * 8
+    assert r["head_params"] == 64 * (16 + 1) * 8  # 5 one-block tasks: the first 64 rows.
+    assert r["head_params_padded"] == 5 * (16 + 1) * 8
 
 
 @pytest.mark.slow
@@ -108,7 +112,9 @@ def test_accelerator_smoke_writes_every_section(tmp_path):
     assert row["examples_per_s"] == pytest.approx(16 / (row["step_ms"] / 1e3))
     assert row["mfu"] == pytest.approx(total / (row["step_ms"] / 1e3) / 1e12 / peak)
     assert row["xla_flops_per_step"] > 0
-    assert row["head_params"] == row["tasks"] * (32 + 1) * 16
+    layout = task_layers.HeadLayout.for_classes(
+        bench_common.long_tailed_classes(row["tasks"], 16), 8, 16)
+    assert row["head_params"] == layout.num_rows * (32 + 1) * 8
   profile = sections["profile"]
   assert profile["tasks"] == 32 and profile["top_ops"]
   assert all(t["ms_per_step"] > 0 for t in profile["top_ops"])

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from configs import demo
-from mtl_jax import dry_run
+from mtl_jax import dry_run, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,14 +20,18 @@ def tiny_sizes(config):
   V = -(-d.vocab_size // 128) * 128  # train.model_spec pads the word table to a multiple of 128.
   L, H, M, N = d.max_text_len, m.hidden_size, m.mlp_size, m.num_layers
   D, K = d.synthetic.image_dim, d.synthetic.max_images
-  T, C, A, r = d.synthetic.num_tasks, m.max_classes, 1, m.adapter_size
+  T, A, r = d.synthetic.num_tasks, 1, m.adapter_size
   embeddings = (V * H + L * H + 2 * H  # Word, position, token-type tables.
                 + D * H + H + K * H  # Image projection and image-slot table.
                 + 2 * H)  # Embedding LayerNorm.
   layer = 4 * (H * H + H) + 2 * H + (H * M + M) + (M * H + H) + 2 * H
   pooler = H * H + H
   encoder = embeddings + N * layer + pooler
-  heads = T * H * C + T * C
+  # Heads: each task's drawn classes in blocks of b, rows allocated in multiples of 64.
+  b = m.classes_per_block
+  blocks = sum(-(-len(names) // b) for names in synthetic.task_class_names(d.synthetic))
+  R = -(-blocks // 64) * 64
+  heads = R * H * b + R * b
   adapters = A * m.adapter_layers * (2 * H * r + r + H)
   # With model=2, these are split over the model axis (config_base sharding rules: vocab, heads
   # and mlp -> model): the word table, q/k/v/out kernels and q/k/v biases, the MLP and pooler.
@@ -37,7 +41,7 @@ def tiny_sizes(config):
       # AdamW: mu and nu like the parameters, plus Adam's and the schedule's step counters.
       "encoder optimizer": 2 * encoder + 2,
       # Row-wise AdamW: mu and nu, plus one step counter per row.
-      "heads optimizer": 2 * heads + T, "adapters optimizer": 2 * adapters + A,
+      "heads optimizer": 2 * heads + R, "adapters optimizer": 2 * adapters + A,
       "bookkeeping": 1 + T + T,  # step, adapter_map, num_classes.
       "model_split": model_split,
   }
@@ -101,10 +105,10 @@ def test_mesh_shards_per_device_bytes_and_matches_xla(tmp_path):
   encoder_per_device = expected["encoder"] - expected["model_split"] // 2
   assert groups["encoder"]["bytes_per_device"] == 4 * encoder_per_device
   assert groups["encoder optimizer"]["bytes_per_device"] == 4 * (2 * encoder_per_device + 2)
-  # The default `task -> auto` rule splits the 6 tasks' heads (and their row-wise AdamW state)
+  # The default `task -> auto` rule splits the head blocks (and their row-wise AdamW state)
   # over data=2: they are more than a tenth of the encoder. Adapters stay whole.
   assert summary["heads_split_over"] == "data"
-  assert "task heads and their optimizer state: split by task over 'data'" in proc.stdout
+  assert "task heads and their optimizer state: split by block row over 'data'" in proc.stdout
   for name in ("task heads", "heads optimizer"):
     assert groups[name]["bytes_per_device"] == groups[name]["bytes"] // 2, name
   for name in ("adapters", "adapters optimizer"):

@@ -87,6 +87,25 @@ def test_selectors(select, expected, tmp_path):
   assert [NAMES[t] for t in selected] == expected
 
 
+def test_random_selector_draws_the_same_count_from_candidates_by_seed_and_step():
+  # task1 has no validation accuracy and task2 has an adapter: neither is a candidate.
+  accuracy, adapter_map = [0.9, None, 0.1, 0.2, 0.8, 0.5], np.array([0, 0, 1, 0, 0, 0])
+
+  def select(select="random", seed=0, step=400):
+    config = tiny_config(**{"dypa.select": select, "dypa.fraction": 0.5, "seed": seed})
+    return tuple(dypa.select_tasks(config, dypa.task_scores(config, rows(accuracy)),
+                                   adapter_map, 2, 100, step=step))
+
+  count = len(select("lowest_accuracy"))
+  assert count == 3  # ceil(0.5 x 5 tasks without an adapter), the shared count logic.
+  draws = {select(seed=seed) for seed in range(20)}
+  assert all(len(d) == count and set(d) <= {0, 3, 4, 5} for d in draws)
+  assert len(draws) > 1  # Differs across seeds,
+  assert set().union(*draws) == {0, 3, 4, 5}  # reaches every candidate,
+  assert select(seed=3) == select(seed=3)  # and is the same for a seed and step.
+  assert len({select(step=s) for s in range(20)}) > 1
+
+
 def test_explicit_unknown_task_is_an_error():
   config = tiny_config(**{"dypa.select": "explicit", "dypa.tasks": "task0,nosuch"})
   with pytest.raises(ValueError, match="nosuch"):

@@ -11,7 +11,7 @@ import pytest
 from etils import epath
 
 from mtl_jax import catalogue as cat
-from mtl_jax import new_task, predict, train, workdir as workdir_lib
+from mtl_jax import new_task, predict, task_layers, train, workdir as workdir_lib
 from tests.helpers import tiny_config
 from tests.trained_run import tiny_run
 
@@ -119,14 +119,20 @@ def test_only_the_new_rows_changed_in_the_checkpoint(old_run, grown):
     assert old_leaves.keys() == new_leaves.keys() and old_leaves
     for key, value in old_leaves.items():
       np.testing.assert_array_equal(new_leaves[key], value, f"{frozen}{key}")
+  model = json.loads(meta["config"])["model"]
+  layout = task_layers.HeadLayout.for_classes(new["num_classes"], model["classes_per_block"],
+                                              model["max_classes"])
+  added = layout.task_rows(num_old)  # The new task's head blocks; every other row is kept.
   for part in ("heads", "adapters"):
     for tree in ("params", "task_opt_state"):
       node_old = old[tree]["tasks"][part] if tree == "params" else old[tree][part]
       node_new = new[tree]["tasks"][part] if tree == "params" else new[tree][part]
       old_rows, new_rows = _leaves(node_old), _leaves(node_new)
       for key, value in old_rows.items():
-        np.testing.assert_array_equal(new_rows[key][:len(value)], value, f"{tree}/{part}{key}")
-  assert new["task_opt_state"]["heads"]["count"][-1] == 8
+        kept = np.setdiff1d(np.arange(len(value)), added) if part == "heads" else slice(None)
+        np.testing.assert_array_equal(new_rows[key][:len(value)][kept], value[kept],
+                                      f"{tree}/{part}{key}")
+  assert np.all(new["task_opt_state"]["heads"]["count"][added] == 8)
   np.testing.assert_array_equal(new["num_classes"], np.append(old["num_classes"],
                                                               old["num_classes"][3]))
 

@@ -113,8 +113,9 @@ def model_params(num_layers=2, seed=0):
                    num_heads=model.num_heads, mlp_size=model.mlp_size)
   encoder = nn.meta.unbox(Encoder(spec).init(jax.random.key(seed), state.dummy_batch(spec))
                           ["params"])
-  tasks = task_layers.init_task_params(jax.random.key(seed + 1), 6, 3, spec.hidden_size,
-                                       model.max_classes, model.adapter_size, 2)
+  layout = task_layers.HeadLayout.for_classes([3] * 6, model.classes_per_block, model.max_classes)
+  tasks = task_layers.init_task_params(jax.random.key(seed + 1), layout, 3, spec.hidden_size,
+                                       model.adapter_size, 2)
   params = {"encoder": encoder, "tasks": tasks}
   leaves, treedef = jax.tree.flatten(params)
   rng = np.random.default_rng(seed)

@@ -795,6 +795,39 @@ def test_a_field_added_since_the_checkpoint_resumes_at_its_default(catalogue_dir
     workdir_lib.check_resume(meta, config, table, "ckpt/6")
 
 
+def test_a_checkpoint_with_per_task_head_rows_is_refused_with_the_fix(catalogue_dir,
+                                                                     trained_workdir, tmp_path):
+  """Checkpoints saved before heads were stored in class blocks have other head shapes: resume
+  and every command that reads a run refuse them by name (never moved aside as damaged)."""
+  config = run_config(catalogue_dir)
+  table = cat.read_task_table(catalogue_dir)
+  saved = json.loads(config.to_json())
+  del saved["model"]["classes_per_block"]
+  meta = {"task_table": table.to_json(), "config": json.dumps(saved)}
+  expected = "one row per task padded to model.max_classes.*Fix: train the run again"
+  with pytest.raises(workdir_lib.RunDirError, match=expected):
+    workdir_lib.check_resume(meta, config, table, "ckpt/6")
+  workdir = copy_workdir(trained_workdir, tmp_path)
+  rewritten = 0
+  for path in (workdir / "checkpoints").glob("*/meta/*"):
+    try:
+      saved_meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      continue
+    if isinstance(saved_meta, dict) and "config" in saved_meta:
+      old_config = json.loads(saved_meta["config"])
+      del old_config["model"]["classes_per_block"]
+      path.write_text(json.dumps({**saved_meta, "config": json.dumps(old_config)}))
+      rewritten += 1
+  assert rewritten
+  with pytest.raises(workdir_lib.RunDirError, match=expected):
+    workdir_lib.open_run(workdir)
+  before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  with pytest.raises(workdir_lib.RunDirError, match=expected):
+    train.train_and_evaluate(run_config(catalogue_dir, total_steps=8), str(workdir))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
 @pytest.mark.slow
 def test_resume_allows_more_steps_and_another_cadence(catalogue_dir, trained_workdir, tmp_path,
                                                       capsys):

@@ -28,8 +28,7 @@ SCRIPT = textwrap.dedent("""
     # FSDP-style: parameters' embed axis over `data` as well, and the heads split by task.
     fsdp_rules = tuple((k, "data") if k == "embed" else (k, "model") if k == "task" else (k, v)
                        for k, v in default_rules)
-    # "auto": the default rules on a mesh whose `data` size divides the 6 tasks, so the heads
-    # are split by task over `data`.
+    # "auto": the default rules on a 2 x 2 mesh: the head blocks are split by row over `data`.
     for name, devices, data, model, rules in [("one", jax.devices()[:1], 1, 1, default_rules),
                                               ("mesh", jax.devices(), 4, 2, default_rules),
                                               ("fsdp", jax.devices(), 4, 2, fsdp_rules),
@@ -70,7 +69,8 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
   assert out["fsdp"]["sharding"] == "P(None, 'data', 'model')", out["fsdp"]
   assert out["fsdp"]["heads_sharding"] == "P('model', 'data', None)", out["fsdp"]
   assert out["auto"]["heads_sharding"] == "P('data', None, None)", out["auto"]
-  assert out["mesh"]["heads_sharding"] == "P(None, None, None)", out["mesh"]  # 6 tasks, data=4.
+  # Head block rows come in multiples of 64, so they split 4 ways too.
+  assert out["mesh"]["heads_sharding"] == "P('data', None, None)", out["mesh"]
   for name in ("mesh", "fsdp", "auto"):
     for a, b in zip(out["one"]["losses"], out[name]["losses"]):
       assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (name, out["one"]["losses"],
@@ -82,16 +82,16 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
                                  err_msg=f"{name} {key}")
 
 
-@pytest.mark.parametrize("data,num_tasks,head_params,expected", [
+@pytest.mark.parametrize("data,num_rows,head_params,expected", [
     (4, 8, 100, "data"),     # Divides, and the heads are at least a tenth of the encoder.
     (4, 8, 99, None),        # Heads too small to be worth splitting.
-    (4, 6, 10_000, None),    # 6 tasks do not split evenly 4 ways.
+    (4, 6, 10_000, None),    # 6 rows do not split evenly 4 ways.
     (1, 8, 10_000, None),    # Nothing to split over.
 ])
-def test_task_auto_rule(data, num_tasks, head_params, expected):
+def test_task_auto_rule(data, num_rows, head_params, expected):
   mesh = types.SimpleNamespace(shape={"data": data, "model": 1})
   rules = sharding.resolve_rules((("batch", "data"), ("task", "auto"), ("adapter", None)), mesh,
-                                 num_tasks, head_params=head_params, encoder_params=1000)
+                                 num_rows, head_params=head_params, encoder_params=1000)
   assert rules == (("batch", "data"), ("task", expected), ("adapter", None))
 
 

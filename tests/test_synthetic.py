@@ -60,7 +60,7 @@ def test_sizes_are_long_tailed_within_bounds(generated):
   assert sizes.mean() > np.median(sizes)  # Skewed right: a long tail of large tasks.
 
 
-def test_class_counts_vary_within_bounds(generated):
+def test_class_counts_vary_within_bounds(generated, tiny_taxonomy):
   directory, stats = generated
   table = cat.read_task_table(directory)
   counts = table.num_classes
@@ -69,6 +69,8 @@ def test_class_counts_vary_within_bounds(generated):
   assert [t["num_classes"] for t in stats["tasks"]] == counts.tolist()
   assert len({t["granularity"] for t in stats["tasks"]}) == 3
   assert all(0 <= t["label_noise"] <= 0.03 for t in stats["tasks"])
+  # The dry run's view of the sites, drawn without making products, is the catalogue's.
+  assert synthetic.task_class_names(small_config(), tiny_taxonomy) == list(table.class_names)
 
 
 def test_splits_ids_and_task_grouping(generated):

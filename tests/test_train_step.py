@@ -50,12 +50,14 @@ def test_absent_tasks_keep_their_head_bit_for_bit():
   before = jax.device_get(state.params["tasks"]["heads"])
   state, _ = run(model, [random_batch(i, tasks=[0, 2]) for i in range(3)], state)
   after = jax.device_get(state.params["tasks"]["heads"])
+  rows = model.head_layout.task_rows
   for t in (1, 3, 4, 5):
-    np.testing.assert_array_equal(after["kernel"][t], before["kernel"][t])
+    np.testing.assert_array_equal(after["kernel"][rows(t)], before["kernel"][rows(t)])
   for t in (0, 2):
-    assert not np.array_equal(after["kernel"][t], before["kernel"][t])
-  np.testing.assert_array_equal(jax.device_get(state.task_opt_state["heads"].count),
-                                [3, 0, 3, 0, 0, 0])
+    assert not np.array_equal(after["kernel"][rows(t)], before["kernel"][rows(t)])
+  counts = jax.device_get(state.task_opt_state["heads"].count)
+  assert [counts[rows(t)].tolist() for t in range(6)] == [[3], [0], [3], [0], [0, 0], [0]]
+  assert not counts[model.head_layout.num_blocks.sum():].any()  # Spare rows are never stepped.
 
 
 def test_a_task_whose_examples_carry_no_loss_is_not_updated():
@@ -70,11 +72,13 @@ def test_a_task_whose_examples_carry_no_loss_is_not_updated():
     batches.append(b)
   state, _ = run(model, batches, state)
   after = jax.device_get(state.params["tasks"]["heads"])
-  np.testing.assert_array_equal(after["kernel"][2], before["kernel"][2])
-  np.testing.assert_array_equal(after["bias"][2], before["bias"][2])
+  rows = model.head_layout.task_rows(2)
+  np.testing.assert_array_equal(after["kernel"][rows], before["kernel"][rows])
+  np.testing.assert_array_equal(after["bias"][rows], before["bias"][rows])
   counts = jax.device_get(state.task_opt_state["heads"].count)
-  np.testing.assert_array_equal(counts, [3, 0, 0, 0, 0, 0])
-  assert not np.any(jax.device_get(state.task_opt_state["heads"].mu["kernel"][2]))
+  np.testing.assert_array_equal(counts[:model.head_layout.num_blocks.sum()],
+                                [3, 0, 0, 0, 0, 0, 0])
+  assert not np.any(jax.device_get(state.task_opt_state["heads"].mu["kernel"][rows]))
 
 
 def _every_task_batches(num_steps, absent=()):
@@ -116,15 +120,16 @@ def test_absent_tasks_sparse_keeps_them_dense_decays_them():
   sparse, dense = results["sparse"][0]["tasks"]["heads"], results["dense"][0]["tasks"]["heads"]
   model = results["dense"][2]
   factor = np.prod([1 - float(model.schedule(s)) * 0.1 for s in range(num_steps)])
-  for t in absent:
+  rows = lambda tasks: np.concatenate([model.head_layout.task_rows(t) for t in tasks])
+  for t in map(rows, [[t] for t in absent]):
     np.testing.assert_array_equal(sparse["kernel"][t], init["kernel"][t])
     np.testing.assert_array_equal(sparse["bias"][t], init["bias"][t])
     np.testing.assert_allclose(dense["kernel"][t], init["kernel"][t] * factor, rtol=1e-6)
     np.testing.assert_array_equal(dense["bias"][t], init["bias"][t])
     assert not np.array_equal(dense["kernel"][t], init["kernel"][t])
   present = [t for t in range(len(NUM_CLASSES)) if t not in absent]
-  np.testing.assert_allclose(sparse["kernel"][present], dense["kernel"][present], rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(sparse["kernel"][rows(present)], dense["kernel"][rows(present)],
+                             rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(results["sparse"][1], results["dense"][1], rtol=1e-5)
 
 
@@ -153,3 +158,37 @@ def test_passes_on_an_8_device_mesh():
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+
+
+def test_the_block_size_does_not_change_training():
+  """Heads of one block per task (the layout of one row per task padded to `max_classes`) and
+  of 4-class blocks, started from the same head values, train to the same losses and heads."""
+  results = {}
+  for block in (tiny_config().model.max_classes, 4):
+    model = tiny_model(tiny_config(**{"model.classes_per_block": block, "model.dropout": 0.0}))
+    state = model.create_state(jax.random.key(0))
+    results[block] = [model, state]
+  (wide, wide_state), (narrow, narrow_state) = results.values()
+  blocks = lambda model, heads, t: jax.tree.map(  # Task t's head as one [.., C] array.
+      lambda x: np.concatenate(list(np.asarray(x)[model.head_layout.task_rows(t)]), axis=-1),
+      heads)
+  heads = jax.device_get(narrow_state.params["tasks"]["heads"])
+  wide_heads = jax.tree.map(np.array, jax.device_get(wide_state.params["tasks"]["heads"]))
+  for t in range(len(NUM_CLASSES)):  # The wide heads take the narrow heads' values.
+    task = blocks(narrow, heads, t)
+    row = wide.head_layout.task_rows(t)[0]
+    width = task["bias"].shape[-1]
+    wide_heads["kernel"][row, :, :width] = task["kernel"]
+    wide_heads["bias"][row, :width] = task["bias"]
+  wide_state = wide_state.replace(params={**wide_state.params, "tasks": {
+      **wide_state.params["tasks"], "heads": jax.device_put(wide_heads)}})
+  batches = [random_batch(i) for i in range(4)]
+  wide_state, wide_losses = run(wide, batches, wide_state)
+  narrow_state, narrow_losses = run(narrow, batches, narrow_state)
+  np.testing.assert_allclose(narrow_losses, wide_losses, rtol=1e-5)
+  for t in range(len(NUM_CLASSES)):
+    got = blocks(narrow, jax.device_get(narrow_state.params["tasks"]["heads"]), t)
+    want = blocks(wide, jax.device_get(wide_state.params["tasks"]["heads"]), t)
+    k = NUM_CLASSES[t]  # The task's classes; columns past them are masked in both.
+    np.testing.assert_allclose(got["kernel"][:, :k], want["kernel"][:, :k], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["bias"][:k], want["bias"][:k], rtol=1e-4, atol=1e-6)

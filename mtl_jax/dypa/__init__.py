@@ -3,7 +3,8 @@
 At configured points (`dypa.at_steps`, or after every k-th validation evaluation) it
 
 1. scores every task on validation data (`lowest_accuracy`, the default; `highest_loss`;
-   `baseline_gap`: single-task accuracy minus MTL accuracy; or an `explicit` task list);
+   `baseline_gap`: single-task accuracy minus MTL accuracy; or an `explicit` task list;
+   `random`, the control: no scores, a uniform draw seeded by `config.seed` and the step);
 2. selects the neediest `fraction` of the tasks that have no adapter yet (a task never gets
    two), capped by `max_new_adapters`/`max_adapters` and by parameter budgets;
 3. grows the stacked adapter array `[A, ...]` by one slot per selected task, with zero output
@@ -27,7 +28,7 @@ import numpy as np
 from mtl_jax import state as state_lib
 from mtl_jax import task_layers
 
-SELECTORS = ("lowest_accuracy", "highest_loss", "baseline_gap", "explicit")
+SELECTORS = ("lowest_accuracy", "highest_loss", "baseline_gap", "explicit", "random")
 
 
 def scheduled_steps(config) -> set[int]:
@@ -69,12 +70,18 @@ def task_scores(config, rows: list[dict]) -> np.ndarray:
       raise ValueError(f"config.dypa.tasks names unknown tasks {sorted(unknown)}; use names "
                        "from the catalogue's tasks.json.")
     return np.array([1.0 if r["task"] in wanted else nan for r in rows])
+  if kind == "random":  # No need signal: every evaluated task is a candidate, drawn uniformly.
+    return np.array([0.0 if r["accuracy"] is not None else nan for r in rows])
   raise ValueError(f"config.dypa.select={kind!r}: use one of {SELECTORS}.")
 
 
 def select_tasks(config, scores: np.ndarray, adapter_map: np.ndarray, num_slots: int,
-                 params_per_slot: int) -> np.ndarray:
-  """Task indices to give an adapter now, neediest first, within every configured budget."""
+                 params_per_slot: int, *, step: int = 0) -> np.ndarray:
+  """Task indices to give an adapter now, neediest first, within every configured budget.
+
+  With `dypa.select="random"` the same count is drawn uniformly from the candidates instead,
+  from `np.random.default_rng([config.seed, step])`: the same tasks on every process.
+  """
   d = config.dypa
   candidates = np.flatnonzero((adapter_map == 0) & np.isfinite(scores))
   if d.select == "explicit":
@@ -91,7 +98,10 @@ def select_tasks(config, scores: np.ndarray, adapter_map: np.ndarray, num_slots:
   if d.max_total_params:
     caps.append(d.max_total_params // params_per_slot - (num_slots - 1))
   count = max(min(caps), 0)
-  order = candidates[np.argsort(-scores[candidates], kind="stable")]
+  if d.select == "random":
+    order = np.random.default_rng([config.seed, step]).permutation(candidates)
+  else:
+    order = candidates[np.argsort(-scores[candidates], kind="stable")]
   return np.sort(order[:count])
 
 
@@ -126,7 +136,7 @@ def expand(model, state, rows: list[dict], step: int):
                                                  m.adapter_layers)
   scores = task_scores(config, rows)
   adapter_map = np.asarray(jax.device_get(state.adapter_map))
-  selected = select_tasks(config, scores, adapter_map, num_slots, per_slot)
+  selected = select_tasks(config, scores, adapter_map, num_slots, per_slot, step=step)
   names = [r["task"] for r in rows]
   before = allocation_summary(state, names)
   if len(selected):
