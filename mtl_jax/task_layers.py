@@ -140,6 +140,11 @@ def _adapter(row, x):
   return x
 
 
+def _head(blocks, x):
+  """One example's task head on its pooled vector: its K class blocks side by side, [K * b]."""
+  return (jnp.einsum("h,khc->kc", x, blocks["kernel"]) + blocks["bias"]).reshape(-1)
+
+
 def _gather(tree, index):
   return jax.tree.map(lambda x: jnp.take(x, index, axis=0), tree)
 
@@ -163,8 +168,7 @@ def apply_task_layers(task_params, pooled, head_index, adapter_index, adapter_ac
   pooled = jnp.where(adapter_active[:, None], adapted, pooled)
   blocks = jax.tree.map(lambda x: jnp.take(x, head_index, axis=0, mode="fill", fill_value=0),
                         task_params["heads"])  # kernel [B, K, H, b], bias [B, K, b]
-  out = jnp.einsum("bh,bkhc->bkc", pooled, blocks["kernel"]) + blocks["bias"]
-  out = out.reshape(out.shape[0], -1)[:, :max_classes]
+  out = jax.vmap(_head)(blocks, pooled)[:, :max_classes]
   return (out, pooled) if with_features else out
 
 

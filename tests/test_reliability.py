@@ -10,6 +10,7 @@ The kill tests draw their kill points at random and print what each kill hit; se
 MTL_RELIABILITY_SEED to replay a failure (the seed is in every assertion message).
 """
 import ast
+import gc
 import hashlib
 import json
 import os
@@ -633,8 +634,16 @@ PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib
 
 def _package_sources():
   package = Path(ROOT) / "mtl_jax"
-  return {str(p.relative_to(ROOT)): ast.parse(p.read_text(), str(p))
-          for p in sorted(package.rglob("*.py"))}
+  # CPython 3.11's AST conversion fails ("AST constructor recursion depth mismatch") when a
+  # garbage-collection finalizer runs Python code in the middle of it, as a leftover asyncio
+  # future of an earlier test did once: collect first and keep the collector off meanwhile.
+  gc.collect()
+  gc.disable()
+  try:
+    return {str(p.relative_to(ROOT)): ast.parse(p.read_text(), str(p))
+            for p in sorted(package.rglob("*.py"))}
+  finally:
+    gc.enable()
 
 
 def test_no_module_unpickles_or_evaluates_code_except_the_restricted_image_reader():
