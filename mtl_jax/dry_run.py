@@ -5,9 +5,9 @@
 Nothing is allocated and no data is generated. The shapes come from `jax.eval_shape` of the
 trainer's own `init_state`, the sizes the data would fix come from the config (the task count,
 class counts, image size and images per product from `data.synthetic`, whose sites are drawn
-without making any product, or from `tasks.json` when `data.catalogue_dir` is set; the
-class counts less `eval.holdout_classes` size the head blocks; the vocabulary from `data.vocab_size`, an upper bound of the
-generated vocabulary, or from `data.tokenizer_dir` / `model.text_init` when set), and the
+without making any product, or from `tasks.json` when `data.catalogue_dir` is set; the class
+counts less `eval.holdout_classes` size the head blocks; the vocabulary from `data.vocab_size`,
+an upper bound of the generated vocabulary, or from `data.tokenizer_dir` / `model.text_init` when set), and the
 placement comes from `state.Model.state_shardings`, the same shardings training uses, on a mesh of
 `--num_devices` devices (fake CPU devices when more than this machine has). Each leaf's bytes
 on one device are its sharding's `shard_shape`; a sharded dimension that does not divide

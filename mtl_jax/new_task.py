@@ -17,10 +17,10 @@ What happens:
      encoder learnt). Every argument is checked before `new_workdir` is created, and the new
      workdir is locked against a second writer.
   2. `state.grow` (the growth function DyPa uses too) gives each new task head blocks after
-     the existing tasks' ones, with row-wise AdamW state (zero moments, zero step count). With `with_adapter`,
-     one adapter slot per new task is appended too (zero output projection, so it starts as
-     the identity) and `adapter_map` points the new task at it; otherwise the new task maps to
-     slot 0 (no adapter). `num_classes` grows by the new tasks' (trained) class counts.
+     the existing tasks' ones, with row-wise AdamW state (zero moments, zero step count). With
+     `with_adapter`, one adapter slot per new task is appended too (zero output projection, so
+     it starts as the identity) and `adapter_map` points the new task at it; otherwise the new
+     task maps to slot 0 (no adapter). `num_classes` grows by the new tasks' (trained) class counts.
   3. Training runs the train step of training itself (`steps.train_step`), with the model's
      encoder frozen (`train_encoder=False`: inference mode, no dropout, no embedding
      augmentation, no gradient). Only the rows of the tasks in a batch are updated, and batches

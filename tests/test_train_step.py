@@ -169,9 +169,7 @@ def test_the_block_size_does_not_change_training():
     state = model.create_state(jax.random.key(0))
     results[block] = [model, state]
   (wide, wide_state), (narrow, narrow_state) = results.values()
-  blocks = lambda model, heads, t: jax.tree.map(  # Task t's head as one [.., C] array.
-      lambda x: np.concatenate(list(np.asarray(x)[model.head_layout.task_rows(t)]), axis=-1),
-      heads)
+  blocks = lambda model, heads, t: model.head_layout.task_head(heads, t)
   heads = jax.device_get(narrow_state.params["tasks"]["heads"])
   wide_heads = jax.tree.map(np.array, jax.device_get(wide_state.params["tasks"]["heads"]))
   for t in range(len(NUM_CLASSES)):  # The wide heads take the narrow heads' values.
