@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax import optim
+
 # Logical axis names of every task parameter; the config's sharding rules map them to the mesh.
 PARAM_AXES = {
     "heads": {"kernel": ("task", "embed", "classes"), "bias": ("task", "classes")},
@@ -145,10 +147,6 @@ def _head(blocks, x):
   return (jnp.einsum("h,khc->kc", x, blocks["kernel"]) + blocks["bias"]).reshape(-1)
 
 
-def _gather(tree, index):
-  return jax.tree.map(lambda x: jnp.take(x, index, axis=0), tree)
-
-
 def apply_task_layers(task_params, pooled, head_index, adapter_index, adapter_active,
                       max_classes: int, with_features: bool = False):
   """pooled [B, H] -> logits [B, C] through each example's own adapter and head blocks.
@@ -164,10 +162,9 @@ def apply_task_layers(task_params, pooled, head_index, adapter_index, adapter_ac
     adapter_active: [B] bool, False where the example's task maps to slot 0 (identity).
     max_classes: C, the logits' width.
   """
-  adapted = jax.vmap(_adapter)(_gather(task_params["adapters"], adapter_index), pooled)
+  adapted = jax.vmap(_adapter)(optim.gather_rows(task_params["adapters"], adapter_index), pooled)
   pooled = jnp.where(adapter_active[:, None], adapted, pooled)
-  blocks = jax.tree.map(lambda x: jnp.take(x, head_index, axis=0, mode="fill", fill_value=0),
-                        task_params["heads"])  # kernel [B, K, H, b], bias [B, K, b]
+  blocks = optim.gather_rows(task_params["heads"], head_index)  # [B, K, H, b], [B, K, b]
   out = jax.vmap(_head)(blocks, pooled)[:, :max_classes]
   return (out, pooled) if with_features else out
 
