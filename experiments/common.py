@@ -28,8 +28,10 @@ import jax
 import numpy as np
 
 from configs.common import set_fields  # noqa: F401  (the experiments' one way to set fields)
+from mtl_jax import catalogue
 from mtl_jax import evaluation
 from mtl_jax import input_pipeline
+from mtl_jax import linear_probe
 from mtl_jax import prepare
 from mtl_jax import steps
 from mtl_jax import synthetic
@@ -71,6 +73,60 @@ def make_catalogue(root: str, synthetic_fields: dict, base_config) -> str:
   out = os.path.join(root, "catalogue")
   synthetic.generate_catalogue(out, synthetic_config)
   return out
+
+
+BLANK_TITLE = "product"  # The neutral title of products whose only input is an embedding.
+
+
+def write_embedding_catalogue(out_dir: str, tasks: dict, splits: dict, info: dict,
+                              info_file: str, keep_text: bool = False, max_len: int = 128,
+                              batch_size: int = linear_probe.TEXT_BATCH) -> dict:
+  """Writes a catalogue whose one image per product is the all-MiniLM-L6-v2 embedding of its
+  title and description (`linear_probe.TextEmbedder`, the linear probe's text features).
+
+  Args:
+    out_dir: the catalogue directory; written under a temporary name, then moved in place.
+    tasks: {task name: [class names]}, in order.
+    splits: {split: [{"id", "task", "label", "title", "description"}]}.
+    info: what the catalogue is, written to `<out_dir>/<info_file>` with the embedding's
+      settings, the product count and the time taken added.
+    keep_text: keep titles and descriptions; False: every title is `BLANK_TITLE`, no
+      description, so the embedding is the only input.
+
+  Returns:
+    The info written.
+  """
+  start = time.perf_counter()
+  ordered = [p for split in catalogue.SPLITS for p in splits[split]]
+  embedder = linear_probe.TextEmbedder(max_len, batch_size)
+  embeddings = embedder([p["title"] for p in ordered],
+                        [p.get("description", "") for p in ordered])
+  tmp = f"{out_dir}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  np.save(os.path.join(tmp, catalogue.EMBEDDINGS_FILE), embeddings)
+  with open(os.path.join(tmp, catalogue.TASKS_FILE), "w") as f:
+    json.dump({"format_version": catalogue.FORMAT_VERSION, "image_dim": embeddings.shape[1],
+               "max_images": 1,
+               "tasks": [{"name": n, "classes": list(c)} for n, c in tasks.items()]}, f, indent=1)
+  row = 0
+  for split in catalogue.SPLITS:
+    with open(os.path.join(tmp, catalogue.split_file(split)), "w", encoding="utf-8") as f:
+      for p in splits[split]:
+        text = ({"title": p["title"], "description": p.get("description", "")} if keep_text
+                else {"title": BLANK_TITLE, "description": ""})
+        f.write(json.dumps({"id": p["id"], "task": p["task"], "label": p["label"], **text,
+                            "images": [row]}) + "\n")
+        row += 1
+  info = {**info, "embedding": f"{embedder.name}, mean pooling, L2-normalised, of [CLS] title "
+          "[SEP] description [SEP]", "max_len": max_len, "products": row,
+          "embedding_seconds": round(time.perf_counter() - start, 1)}
+  with open(os.path.join(tmp, info_file), "w") as f:
+    json.dump(info, f, indent=1)
+  open(os.path.join(tmp, catalogue.COMPLETE_MARKER), "w").close()
+  shutil.rmtree(out_dir, ignore_errors=True)
+  os.replace(tmp, out_dir)
+  return info
 
 
 def prepare_data(config, workdir: str):

@@ -5,7 +5,8 @@ import pytest
 
 from mtl_jax import config_base
 
-CONFIGS = {"demo": ["", "tiny", "pretrained"], "mtl100": ["", "cpu"], "mtl1000": ["", "cpu"]}
+CONFIGS = {"demo": ["", "tiny", "pretrained"], "mtl100": ["", "cpu"], "mtl1000": ["", "cpu"],
+           "embeddings": [""]}
 
 
 @pytest.mark.parametrize("name,variant", [(n, v) for n, vs in CONFIGS.items() for v in vs])

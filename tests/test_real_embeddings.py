@@ -1,0 +1,94 @@
+"""The real-embeddings benchmark's products, tasks and splits (experiments/real_embeddings.py),
+built from a small made-up taxonomy in GS1's shape, and the catalogue written from them."""
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from experiments import common
+from experiments import real_embeddings
+from mtl_jax import catalogue
+from mtl_jax import linear_probe
+
+
+def _brick(code, segment, family, name, definition=""):
+  return {"code": code, "segment": segment, "family": family, "brick": name,
+          "definition": definition, "level": "brick"}
+
+
+def test_listed_products_are_read_from_the_definition():
+  definition = ("Includes any products that can be described/observed as an aid. Includes "
+                "products such as Brush Cases, Easel Bags and Canvas Frames.")
+  assert real_embeddings.listed_products(definition) == ["Brush Cases", "Easel Bags",
+                                                          "Canvas Frames"]
+  assert real_embeddings.listed_products("Includes any products that are boots.") == []
+  assert real_embeddings.listed_products(None) == []
+
+
+def _bricks():
+  bricks = []
+  # Segment A: families a1 (10 bricks), a2 (5), a3 (4: too few, dropped). Segment B: one family
+  # left (b2 has 2 bricks), so B is dropped.
+  for family, count in (("a1", 10), ("a2", 5), ("a3", 4)):
+    for i in range(count):
+      bricks.append(_brick(f"A{family}{i}", "A", family, f"{family} brick {i}",
+                           f"Includes products such as {family} x{i} and {family} y{i}."))
+  for family, count in (("b1", 8), ("b2", 2)):
+    for i in range(count):
+      bricks.append(_brick(f"B{family}{i}", "B", family, f"{family} brick {i}"))
+  return bricks
+
+
+def test_tasks_classes_and_splits_follow_the_rules():
+  bricks = _bricks()
+  tasks, splits = real_embeddings.benchmark_products(bricks, seed=0)
+  assert tasks == {"A": ["a1", "a2"]}
+  products = [p for split in splits.values() for p in split]
+  assert {p["label"] for p in products} == {"a1", "a2"}
+  assert len(products) == 15 * 3  # Each brick and the two products it lists.
+  assert len({p["id"] for p in products}) == len(products)
+  # A brick and the products it lists are in one split; every class is in every split.
+  split_of_brick = collections.defaultdict(set)
+  for split, members in splits.items():
+    for p in members:
+      split_of_brick[p["id"].split("/")[0]].add(split)
+    assert {p["label"] for p in members} == {"a1", "a2"}, split
+  assert all(len(s) == 1 for s in split_of_brick.values())
+  # 60 / 20 / 20 of each class's bricks.
+  bricks_in = {split: collections.Counter(p["label"] for p in members if "/" not in p["id"])
+               for split, members in splits.items()}
+  assert bricks_in["train"] == {"a1": 6, "a2": 3}
+  assert bricks_in["validation"] == {"a1": 2, "a2": 1}
+  assert bricks_in["test"] == {"a1": 2, "a2": 1}
+  # Seeded: the same seed gives the same splits, another seed others.
+  assert real_embeddings.benchmark_products(bricks, seed=0)[1] == splits
+  assert real_embeddings.benchmark_products(bricks, seed=1)[1] != splits
+
+
+def test_the_embedding_catalogue_is_valid_and_holds_the_probes_features(tmp_path):
+  try:
+    linear_probe.minilm_dir()
+  except linear_probe.MissingTextModelError as e:
+    pytest.skip(str(e))
+  tasks, splits = real_embeddings.benchmark_products(_bricks(), seed=0)
+  out = tmp_path / "catalogue"
+  info = common.write_embedding_catalogue(str(out), tasks, splits, {"source": "made up"},
+                                          "info.json", max_len=32)
+  assert catalogue.is_complete(out)
+  assert json.loads((out / "info.json").read_text()) == info
+  assert info["source"] == "made up" and info["products"] == 45
+  _, indices = catalogue.index_catalogue(out)  # Every record is valid.
+  assert sum(len(index.offsets) for index in indices.values()) == 45
+  embeddings = np.load(out / catalogue.EMBEDDINGS_FILE)
+  assert embeddings.shape == (45, 384)
+  # Row i is the probe's feature of product i (splits in order), and the text is neutral.
+  products = [p for split in catalogue.SPLITS for p in splits[split]]
+  expected = linear_probe.TextEmbedder(32)([p["title"] for p in products],
+                                           [p["description"] for p in products])
+  np.testing.assert_allclose(embeddings, expected, atol=1e-6)
+  records = [json.loads(line) for split in catalogue.SPLITS
+             for line in (out / catalogue.split_file(split)).read_text().splitlines()]
+  assert [r["images"] for r in records] == [[i] for i in range(45)]
+  assert [r["id"] for r in records] == [p["id"] for p in products]
+  assert {(r["title"], r["description"]) for r in records} == {(common.BLANK_TITLE, "")}
