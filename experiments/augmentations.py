@@ -206,7 +206,8 @@ def run_dataset(args, root: str, name: str, catalogue_dir: str, kinds, seeds,
       # Each unseen-class score's AUROC, averaged over the tasks holding a class out, from the
       # run's own test report (Mahalanobis needs the pass over the train split it made).
       scores["unseen_auroc_by_score"] = {
-          name: result["test"].get(f"mean_unseen_auroc_{name}") for name in UNSEEN_SCORES}
+          score_name: result["test"].get(f"mean_unseen_auroc_{score_name}")
+          for score_name in UNSEEN_SCORES}
       runs.append({"dataset": name, "kind": kind, "seed": seed, "workdir": workdir,
                    "inputs": config.augment.inputs, "seconds": result["seconds"], **scores})
       print(f"  {name:<9} {kind:<13} seed {seed}: " + ", ".join(

@@ -178,7 +178,10 @@ def main():
   root = args.workdir or ("runs/experiments/real_embeddings-smoke" if args.smoke
                           else "runs/experiments/real_embeddings")
   catalogue_dir = os.path.join(root, "catalogue")
-  info = make_catalogue(catalogue_dir)
+  try:
+    info = make_catalogue(catalogue_dir)
+  except (FileNotFoundError, linear_probe.MissingTextModelError) as e:
+    sys.exit(f"error: {e}")  # One line with the fix, no traceback.
   print(f"benchmark: {info['tasks']} tasks, {info['classes']} classes, {info['products']} "
         f"products ({info['embedding_seconds']:.0f} s to embed, reused if made before)",
         flush=True)

