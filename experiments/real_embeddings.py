@@ -41,7 +41,6 @@ import importlib.util
 import json
 import os
 import re
-import statistics
 import sys
 import time
 
@@ -144,12 +143,6 @@ def _has_reports(workdir: str, split: str) -> bool:
   return os.path.exists(os.path.join(workdir, "reports", f"{split}.json"))
 
 
-def _per_task_accuracy(workdir: str, split: str) -> dict:
-  with open(os.path.join(workdir, "reports", f"{split}.json")) as f:
-    report = json.load(f)
-  return {t["task"]: t["accuracy"] for t in report["tasks"] if t.get("accuracy") is not None}
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/embeddings.py")
@@ -209,35 +202,34 @@ def main():
       seconds["single-task"] = time.perf_counter() - start
     runs["single"] = [single_dir]
 
-  accuracy = {side: [_per_task_accuracy(w, args.split) for w in dirs]
-              for side, dirs in runs.items()}
+  # The library's per-task comparison: means and spreads over the multi-task seeds.
+  compare_dir = os.path.join(root, "compare")
+  versus = {side: single_task.compare(runs["mtl"], runs[side], os.path.join(compare_dir, side),
+                                      split=args.split)
+            for side in runs if side != "mtl"}
+  single = ({r["task"]: r["single_accuracy"] for r in versus["single"]["tasks"]}
+            if "single" in versus else {})
   with open(os.path.join(catalogue_dir, "benchmark_info.json")) as f:
     train_sizes = json.load(f)["train_products"]
   rows, table = [], []
-  for task in sorted(accuracy["probe"][0], key=lambda t: -train_sizes[t]):
-    mtl = [a[task] for a in accuracy["mtl"]]
-    mtl_mean = statistics.fmean(mtl)
-    mtl_sd = statistics.stdev(mtl) if len(mtl) > 1 else 0.0
-    probe = accuracy["probe"][0][task]
-    single = accuracy["single"][0].get(task) if "single" in accuracy else None
-    gap = mtl_mean - probe
+  for row in sorted(versus["probe"]["tasks"], key=lambda r: -train_sizes[r["task"]]):
+    task, mtl_mean, probe, gap = (row["task"], row["mtl_accuracy"], row["single_accuracy"],
+                                  row["difference"])
+    mtl_sd = row["mtl_std"] or 0.0
     # Large tasks must win; small ones must be within one standard error of the seeds' mean.
     big = train_sizes[task] >= SMALL_TASK
-    met = gap > 0 if big else gap >= -(mtl_sd / len(mtl) ** 0.5)
+    met = gap > 0 if big else gap >= -(mtl_sd / row["mtl_runs"] ** 0.5)
     rows.append({"task": task, "train_products": train_sizes[task], "mtl_mean": mtl_mean,
-                 "mtl_sd": mtl_sd, "single_task": single, "probe": probe, "gap": gap,
+                 "mtl_sd": mtl_sd, "single_task": single.get(task), "probe": probe, "gap": gap,
                  "target": "beat" if big else "match", "met": met})
     table.append([task[:34], str(train_sizes[task]), f"{mtl_mean:.3f} ± {mtl_sd:.3f}",
-                  "-" if single is None else f"{single:.3f}", f"{probe:.3f}", f"{gap:+.3f}",
-                  ("beat" if big else "match") + (" yes" if met else " NO")])
-  # Each seed's mean over the tasks: their spread is the seeds' spread of the mean.
-  seed_means = [statistics.fmean(a[r["task"]] for r in rows) for a in accuracy["mtl"]]
-  means = {"mtl": statistics.fmean(seed_means),
-           "mtl_sd": statistics.stdev(seed_means) if len(seed_means) > 1 else 0.0,
-           "mtl_seed_means": seed_means,
-           "probe": statistics.fmean(r["probe"] for r in rows)}
-  if "single" in accuracy:
-    means["single"] = statistics.fmean(r["single_task"] for r in rows)
+                  "-" if task not in single else f"{single[task]:.3f}", f"{probe:.3f}",
+                  f"{gap:+.3f}", ("beat" if big else "match") + (" yes" if met else " NO")])
+  summary = versus["probe"]["summary"]
+  means = {"mtl": summary["mean_mtl_accuracy"], "mtl_sd": summary["mean_mtl_accuracy_std"] or 0.0,
+           "probe": summary["mean_single_accuracy"]}
+  if "single" in versus:
+    means["single"] = versus["single"]["summary"]["mean_single_accuracy"]
   table.append(["mean", "", f"{means['mtl']:.3f} ± {means['mtl_sd']:.3f}",
                 f"{means.get('single', float('nan')):.3f}", f"{means['probe']:.3f}",
                 f"{means['mtl'] - means['probe']:+.3f}",

@@ -5,7 +5,8 @@ holds examples of a few dozen tasks, so with `task_update="sparse"` the step upd
 rows: it gathers their gradients, moments and parameters, applies AdamW, and scatters them
 back. A task absent from a batch is left exactly as it was: no weight decay, no drift on old
 momentum, and its own step counter for Adam's bias correction (as a sparse optimiser that skips
-parameters with no gradient would). The cost per step is then set by the batch, not by the number of tasks.
+parameters with no gradient would). The cost per step is then set by the batch, not by the
+number of tasks.
 `task_update="dense"` passes every row every step: plain AdamW semantics, for comparison.
 
 Weight decay is decided by a parameter's leaf name, never its rank (`nn.scan` and the stacked
