@@ -11,7 +11,8 @@ an upper bound of the generated vocabulary, or from `data.tokenizer_dir` / `mode
 when set), and the placement comes from `state.Model.state_shardings`, the same shardings
 training uses, on a mesh of `--num_devices` devices (fake CPU devices when more than this
 machine has). Each leaf's bytes on one device are its sharding's `shard_shape`; a sharded
-dimension that does not divide evenly (which JAX refuses at init) is reported as an error naming the leaf.
+dimension that does not divide evenly (which JAX refuses at init) is reported as an error
+naming the leaf.
 
 Reported per group (encoder, task heads, adapters, their optimiser states, bookkeeping): the
 element count, the bytes of the whole array and the bytes on one device. `--compile` also
