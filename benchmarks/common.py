@@ -6,6 +6,7 @@ metadata comes from one function, `experiments.common.run_metadata` (command, da
 with the load average at the start, versions), re-exported here as `run_metadata`, plus the load
 average at the end and the wall time, which `write_result` adds.
 """
+import dataclasses
 import importlib
 import json
 import math
@@ -85,13 +86,12 @@ def spec_from_config(config, *, vocab_size=None, image_dim=None, max_images=None
   the config's sizes with CLS pooling, as the PyTorch comparisons build theirs.
   """
   from mtl_jax.model import ModelSpec  # pylint: disable=g-import-not-at-top
-  m, d = config.model, config.data
-  return ModelSpec(
-      vocab_size=vocab_size or d.vocab_size, max_positions=d.max_text_len,
+  d = config.data
+  spec = ModelSpec.from_config(
+      config.model, vocab_size=vocab_size or d.vocab_size, max_positions=d.max_text_len,
       image_dim=image_dim or d.synthetic.image_dim,
-      max_images=max_images or d.synthetic.max_images, hidden_size=m.hidden_size,
-      num_layers=m.num_layers, num_heads=m.num_heads, mlp_size=m.mlp_size, dropout=m.dropout,
-      dtype=m.dtype, remat=m.remat)
+      max_images=max_images or d.synthetic.max_images)
+  return dataclasses.replace(spec, pooling="cls")
 
 
 def make_model(config, spec, num_classes, devices=None):

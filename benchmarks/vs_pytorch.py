@@ -2,6 +2,7 @@
 
   python benchmarks/vs_pytorch.py [--cases mtl100:cpu,mtl100,issue14.6:10,...] [--steps 30]
                                   [--repeats 3] [--cpus 0,1] [--torch_variants default,passive]
+                                  [--allocators glibc,tcmalloc]
 
 Cases (same sizes, same batches, same optimiser hyper-parameters on both sides):
 
@@ -29,7 +30,10 @@ is not an XLA flag). PyTorch gets `torch.set_num_threads(len(cpus))` (and OMP_NU
 MKL_NUM_THREADS). Torch variants (`--torch_variants`): `default` (the OpenMP wait policy torch
 ships with) and `passive` (`OMP_WAIT_POLICY=PASSIVE`: idle OpenMP threads sleep instead of
 spinning; on a shared, loaded machine spinning threads can wait for cores other jobs hold).
-"best torch" is the faster variant.
+Allocators (`--allocators`): every side runs once with glibc's malloc and once with TCMalloc
+preloaded (`mtl_jax.allocator.with_tcmalloc`, what `python -m mtl_jax.main` does where it is
+installed); "best" on each side is its fastest variant, and each allocator's ratio is also given.
+"best torch" is the fastest torch variant.
 
 The sides take turns: `--repeats` rounds of ours (`--steps` steps), torch, torch-passive, ours,
 ...; both sides are built and warmed up (compilation, `--warmup` steps) before the first round
@@ -204,8 +208,8 @@ class Side:
     self.proc.wait(timeout=120)
 
 
-def side_envs(cpus, variants):
-  """(name, worker kind, environment) of every side."""
+def side_envs(cpus, variants, allocators=("glibc",)):
+  """(name, worker kind, environment) of every side, under each allocator."""
   base = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   base.pop("OMP_WAIT_POLICY", None)
   ours = dict(base)
@@ -221,7 +225,27 @@ def side_envs(cpus, variants):
       sides.append(("torch_passive", "torch", dict(torch_env, OMP_WAIT_POLICY="PASSIVE")))
     else:
       raise ValueError(f"--torch_variants: unknown variant {v!r}; use default, passive")
-  return sides
+  from mtl_jax import allocator  # pylint: disable=g-import-not-at-top
+  out = []
+  for name_allocator in allocators:
+    if name_allocator == "glibc":
+      out += sides
+    elif name_allocator == "tcmalloc":
+      if allocator.tcmalloc_path() is None:
+        raise ValueError("--allocators: no TCMalloc installed (apt-get install "
+                         "libtcmalloc-minimal4), or use --allocators=glibc")
+      out += [(f"{name}_tcmalloc", kind, allocator.with_tcmalloc(env))
+              for name, kind, env in sides]
+    else:
+      raise ValueError(f"--allocators: unknown {name_allocator!r}; use glibc, tcmalloc")
+  return out
+
+
+def _best(sides: dict, kind: str, suffix: str | None = None) -> str:
+  """The fastest side of `kind` ("ours" or "torch"), of one allocator if `suffix` is given."""
+  names = [k for k in sides if k.startswith(kind) and (
+      suffix is None or k.endswith("_tcmalloc") == (suffix == "_tcmalloc"))]
+  return max(names, key=lambda k: sides[k]["examples_per_s"])
 
 
 def measure(case, cpus, args):
@@ -229,7 +253,8 @@ def measure(case, cpus, args):
   load_before = common.load_average()
   sides = []
   try:
-    for name, kind, env in side_envs(cpus, args.torch_variants.split(",")):
+    for name, kind, env in side_envs(cpus, args.torch_variants.split(","),
+                                     args.allocators.split(",")):
       sides.append(Side(name, kind, case, cpus, env, args))  # Built one after the other.
       print(f"  {case}: {name} ready ({sides[-1].info['build_and_warmup_s']:.0f} s)", flush=True)
     for r in range(args.repeats):
@@ -255,12 +280,16 @@ def measure(case, cpus, args):
                                "round_ms": side.round_ms,
                                "examples_per_s": config.batch_size / step_s,
                                "last_loss": side.loss, "step_s": side.times}
-  torch_sides = {k: v for k, v in row["sides"].items() if k != "ours"}
-  if torch_sides:
-    best = max(torch_sides, key=lambda k: torch_sides[k]["examples_per_s"])
-    row["best_torch"] = best
-    row["ours_over_best_torch"] = (row["sides"]["ours"]["examples_per_s"]
-                                   / torch_sides[best]["examples_per_s"])
+  s = row["sides"]
+  if any(k.startswith("torch") for k in s):
+    row["best_ours"], row["best_torch"] = _best(s, "ours"), _best(s, "torch")
+    row["ours_over_best_torch"] = (s[row["best_ours"]]["examples_per_s"]
+                                   / s[row["best_torch"]]["examples_per_s"])
+    # Each allocator alone: ours against the best torch under the same allocator.
+    for name in [k for k in s if k.startswith("ours")]:
+      suffix = "_tcmalloc" if name.endswith("_tcmalloc") else ""
+      s[name]["over_best_torch_same_allocator"] = (
+          s[name]["examples_per_s"] / s[_best(s, "torch", suffix)]["examples_per_s"])
   print(f"[{case}: " + ", ".join(f"{k} {v['examples_per_s']:.1f} ex/s"
                                  for k, v in row["sides"].items())
         + f"; load {load_before[0]} -> {load_after[0]}]", flush=True)
@@ -279,6 +308,8 @@ def main(argv=None):
                       help="Comma-separated CPU ids both sides are pinned to (default: all "
                            "CPUs this process may use).")
   parser.add_argument("--torch_variants", default="default,passive")
+  parser.add_argument("--allocators", default="glibc,tcmalloc",
+                      help="glibc and/or tcmalloc (preloaded); every side runs under each.")
   parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "vs_pytorch.json"))
   parser.add_argument("--worker", default="", help="Internal: ours | torch.")
   parser.add_argument("--case", default="", help="Internal: the worker's case.")
@@ -304,15 +335,17 @@ def main(argv=None):
       s = r["sides"][name]
       table.append([r["case"], r["tasks"], r["batch_size"], f"{r['hidden']} x {r['layers']}",
                     r["tokens"], ",".join(map(str, r["cpus"])), name,
-                    s.get("torch_threads", "-") if name != "ours" else s["threads"].get(
-                        "tf_XLAEigen", "?"),
+                    s["threads"].get("tf_XLAEigen", "?") if name.startswith("ours")
+                    else s.get("torch_threads", "-"),
                     f"{s['step_ms']:.1f}",
                     f"{min(s['round_ms']):.0f}-{max(s['round_ms']):.0f}",
                     f"{s['examples_per_s']:.1f}",
-                    f"{r['ours_over_best_torch']:.2f}" if name == "ours" and
-                    "ours_over_best_torch" in r else ""])
+                    f"{s['over_best_torch_same_allocator']:.2f}"
+                    if "over_best_torch_same_allocator" in s else "",
+                    f"{r['ours_over_best_torch']:.2f}" if name == r.get("best_ours") else ""])
   print(common.fmt_table(["case", "tasks", "batch", "hidden x layers", "tokens", "cpus", "side",
-                          "threads", "step ms", "rounds ms", "ex/s", "ours/best torch"], table))
+                          "threads", "step ms", "rounds ms", "ex/s",
+                          "/ best torch, same allocator", "best ours / best torch"], table))
   common.write_result(args.out, meta, args=vars(args), cpus=sorted(cpus),
                       issue_14_6_shapes=ISSUE_14_6, complete=True, rows=rows)
   print(f"wrote {args.out}")

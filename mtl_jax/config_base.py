@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Activation recomputation in the backward pass, per encoder layer: "none"; "full" (keep
   # only each layer's input); "dots" (keep matmul outputs, recompute the rest).
   c.model.remat = "none"
+  # Encoder layers per iteration of the layer scan; num_layers unrolls the whole stack: no loop
+  # overhead in the step (about 10% on CPU at 2 x 128) for a longer compile.
+  c.model.scan_unroll = 1
   c.model.text_init = ""  # A local BERT-family checkpoint directory; empty: random init.
 
   # Optimisation.
@@ -220,6 +223,7 @@ NUMERIC_RANGES = {
     "sampling.decay_steps": _int(1, extra=(-1,), why="-1 decays over all of training"),
     "model.hidden_size": _int(1),
     "model.num_layers": _int(1),
+    "model.scan_unroll": _int(1, why="1 loops over every layer"),
     "model.num_heads": _int(1),
     "model.mlp_size": _int(1),
     "model.dropout": _Range(**_UNIT),

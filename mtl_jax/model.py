@@ -5,8 +5,8 @@ weights load onto it). Each image is a fixed-size embedding from a pretrained im
 projected to the hidden size; token-type embeddings mark text (0) and image (1) positions, and a
 learned slot embedding orders the images. Padding masks cover text and missing images.
 
-Layers are stacked with `nn.scan` (one compilation however deep), optionally rematerialised
-(`remat`), and run in `dtype`: bfloat16 on accelerators, with float32 parameters, optimiser
+Layers are stacked with `nn.scan` (one compilation however deep; `scan_unroll` layers per
+iteration), optionally rematerialised (`remat`), and run in `dtype`: bfloat16 on accelerators, with float32 parameters, optimiser
 state and softmax (bf16 has float32's exponent range, so no loss scaling is needed). Every
 parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `layers`, `image`) that the config's
 sharding rules map onto the device mesh. The task heads and adapters live in `task_layers.py`.
@@ -43,8 +43,18 @@ class ModelSpec:
   pooling: str = "cls"
   dtype: str = "float32"
   remat: str = "none"
+  scan_unroll: int = 1
   layer_norm_eps: float = 1e-12
   type_vocab_size: int = 2
+
+  @classmethod
+  def from_config(cls, model_config, **data_sizes) -> "ModelSpec":
+    """The spec of a config's `model` fields; `data_sizes` (vocab_size, max_positions,
+    image_dim, max_images) are what the data fixes."""
+    m = model_config
+    return cls(**data_sizes, hidden_size=m.hidden_size, num_layers=m.num_layers,
+               num_heads=m.num_heads, mlp_size=m.mlp_size, dropout=m.dropout, pooling=m.pooling,
+               dtype=m.dtype, remat=m.remat, scan_unroll=m.scan_unroll)
 
   @property
   def compute_dtype(self) -> Any:
@@ -141,7 +151,7 @@ class Encoder(nn.Module):
       layer = nn.remat(EncoderLayer, prevent_cse=False, policy=REMAT_POLICIES[spec.remat])
     layers = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-        in_axes=nn.broadcast, length=spec.num_layers,
+        in_axes=nn.broadcast, length=spec.num_layers, unroll=spec.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = layers(spec, deterministic, name="layers")(x, mask)
 

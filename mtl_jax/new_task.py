@@ -39,6 +39,10 @@ The state's step counter advances by `steps` (it counts updates applied to the s
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # First, before the heavy imports: see allocator.py.
+  from mtl_jax import allocator
+  allocator.reexec_under_tcmalloc()
+
 import copy
 import os
 import time

@@ -46,6 +46,10 @@ one jitted function: one compilation serves any number of records.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # First, before the heavy imports: see allocator.py.
+  from mtl_jax import allocator
+  allocator.reexec_under_tcmalloc()
+
 import json
 import math
 import os

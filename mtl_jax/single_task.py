@@ -75,6 +75,10 @@ budgets: ...` line, and comparison.json records it under "warnings" and "step_bu
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # First, before the heavy imports: see allocator.py.
+  from mtl_jax import allocator
+  allocator.reexec_under_tcmalloc()
+
 import copy
 import csv
 import io

@@ -39,13 +39,12 @@ class TrainState:
 
 def model_spec(config, task_table, vocab_size: int) -> ModelSpec:
   m = config.model
-  spec = ModelSpec(
+  spec = ModelSpec.from_config(
+      m,
       # Rounded up so that the word table splits evenly over a `model` axis (rules shard
       # `vocab`); ids past the tokenizer's are never used.
       vocab_size=-(-vocab_size // 128) * 128, max_positions=config.data.max_text_len,
-      image_dim=task_table.image_dim, max_images=task_table.max_images,
-      hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-      mlp_size=m.mlp_size, dropout=m.dropout, pooling=m.pooling, dtype=m.dtype, remat=m.remat)
+      image_dim=task_table.image_dim, max_images=task_table.max_images)
   if m.text_init:
     # Table sizes follow the checkpoint; the layer sizes stay the config's, and the loader
     # names any field that disagrees with the checkpoint.

@@ -17,11 +17,8 @@ def tiny_config(**overrides):
 
 def tiny_model(config=None, num_classes=NUM_CLASSES, devices=None):
   config = config or tiny_config()
-  spec = ModelSpec(vocab_size=VOCAB, max_positions=config.data.max_text_len, image_dim=8,
-                   max_images=2, hidden_size=config.model.hidden_size,
-                   num_layers=config.model.num_layers, num_heads=config.model.num_heads,
-                   mlp_size=config.model.mlp_size, dropout=config.model.dropout,
-                   dtype=config.model.dtype, remat=config.model.remat)
+  spec = ModelSpec.from_config(config.model, vocab_size=VOCAB,
+                               max_positions=config.data.max_text_len, image_dim=8, max_images=2)
   return state.Model(config, spec, num_classes, sharding.make_mesh(config.mesh, devices))
 
 

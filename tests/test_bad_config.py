@@ -73,6 +73,7 @@ BAD_NUMBERS = [
     ("optimizer.clip_norm", -1.0, "-1.0 must be > 0"),
     ("model.hidden_size", 0, "0 must be >= 1"),
     ("model.num_layers", 0, "0 must be >= 1"),
+    ("model.scan_unroll", 0, "0 must be >= 1"),
     ("model.num_heads", -2, "-2 must be >= 1"),
     ("model.mlp_size", 0, "0 must be >= 1"),
     ("model.dropout", 1.0, "1.0 is outside [0, 1)"),

@@ -129,3 +129,45 @@ def test_accelerator_smoke_writes_every_section(tmp_path):
     assert row["step_ms"] > 0 and row["mfu"] > 0
     assert row["encoder_params"] == jax_step["rows"][0]["encoder_params"]
   assert "device:" in proc.stdout and "MFU" in proc.stdout
+
+
+def test_profile_names_each_op_by_its_model_code():
+  from benchmarks import profile_step
+  hlo = "\n".join([
+      "%fused_computation.3 (param_0: f32[4]) -> f32[4] {",
+      '  %m = f32[4]{0} multiply(%param_0, %param_0), metadata={op_name="jit(train_step)/'
+      'transpose(jvp(Encoder))/closed_call/layers/mlp_in/dot_general"}',
+      "}",
+      "ENTRY %main.9 (p: f32[4]) -> f32[4] {",
+      "  %fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused_computation.3",
+      '  ROOT %add.1 = f32[4]{0} add(%fusion.3, %p), metadata={op_name="jit(train_step)/add"}',
+      "}"])
+  sources = profile_step.op_sources(hlo)
+  assert sources["fusion.3"].endswith("layers/mlp_in/dot_general")  # From its computation.
+  assert sources["add.1"] == "jit(train_step)/add"
+  assert profile_step.module_of(sources["fusion.3"]) == "Encoder/layers/mlp_in"
+  assert profile_step.module_of(
+      "jit(train_step)/jvp(Encoder)/closed_call/layers/Dropout_0/jit(_bernoulli)/while") == (
+          "Encoder/layers/Dropout_0")
+  assert profile_step.module_of(sources["add.1"]) == "(outside the encoder)"
+
+
+def test_vs_pytorch_runs_every_side_under_each_allocator():
+  from benchmarks import vs_pytorch
+  from mtl_jax import allocator
+  if allocator.tcmalloc_path() is None:
+    with pytest.raises(ValueError, match="libtcmalloc-minimal4"):
+      vs_pytorch.side_envs({0}, ["default"], ["glibc", "tcmalloc"])
+    return
+  sides = vs_pytorch.side_envs({0}, ["default", "passive"], ["glibc", "tcmalloc"])
+  assert [name for name, _, _ in sides] == [
+      "ours", "torch", "torch_passive", "ours_tcmalloc", "torch_tcmalloc",
+      "torch_passive_tcmalloc"]
+  for name, _, env in sides:
+    assert allocator.preloaded(env) == name.endswith("_tcmalloc")
+  speeds = {"ours": 1.0, "torch": 3.0, "ours_tcmalloc": 2.0, "torch_tcmalloc": 2.5}
+  rows = {k: {"examples_per_s": v} for k, v in speeds.items()}
+  assert vs_pytorch._best(rows, "torch") == "torch"
+  assert vs_pytorch._best(rows, "ours") == "ours_tcmalloc"
+  assert vs_pytorch._best(rows, "torch", "_tcmalloc") == "torch_tcmalloc"
+  assert vs_pytorch._best(rows, "torch", "") == "torch"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import chex
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -143,6 +144,27 @@ def test_bfloat16_compute_keeps_float32_parameters_and_remat_keeps_the_loss():
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
   np.testing.assert_allclose(losses["float32", "dots"], losses["float32", "none"], rtol=1e-5)
   np.testing.assert_allclose(losses["bfloat16", "none"], losses["float32", "none"], rtol=3e-2)
+
+
+def test_unrolling_the_layer_scan_keeps_the_encoder():
+  """`model.scan_unroll` changes how the layers loop, not what they compute: the same outputs
+  and gradients, dropout included."""
+  batch = {k: v for k, v in random_batch(0).items() if k not in ("task_id", "label")}
+  results, params = [], None
+  for unroll in (1, 2):
+    model = tiny_model(tiny_config(**{"model.num_layers": 2, "model.scan_unroll": unroll}))
+    if params is None:  # The same parameters for both: unrolling does not change their layout.
+      params = nn.unbox(jax.jit(model.encoder.init)(jax.random.key(0), batch)["params"])
+
+    def loss(p, model=model):
+      pooled, _ = model.encoder.apply({"params": p}, batch, deterministic=False,
+                                      rngs={"dropout": jax.random.key(1)})
+      return (pooled ** 2).sum()
+
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               results[1][1], results[0][1])
 
 
 @pytest.mark.slow
