@@ -241,10 +241,10 @@ def side_envs(cpus, variants, allocators=("glibc",)):
   return out
 
 
-def _best(sides: dict, kind: str, suffix: str | None = None) -> str:
-  """The fastest side of `kind` ("ours" or "torch"), of one allocator if `suffix` is given."""
+def _best(sides: dict, kind: str, tcmalloc: bool | None = None) -> str:
+  """The fastest side of `kind` ("ours" or "torch"); with `tcmalloc`, of that allocator only."""
   names = [k for k in sides if k.startswith(kind) and (
-      suffix is None or k.endswith("_tcmalloc") == (suffix == "_tcmalloc"))]
+      tcmalloc is None or k.endswith("_tcmalloc") == tcmalloc)]
   return max(names, key=lambda k: sides[k]["examples_per_s"])
 
 
@@ -287,9 +287,9 @@ def measure(case, cpus, args):
                                    / s[row["best_torch"]]["examples_per_s"])
     # Each allocator alone: ours against the best torch under the same allocator.
     for name in [k for k in s if k.startswith("ours")]:
-      suffix = "_tcmalloc" if name.endswith("_tcmalloc") else ""
+      same = _best(s, "torch", tcmalloc=name.endswith("_tcmalloc"))
       s[name]["over_best_torch_same_allocator"] = (
-          s[name]["examples_per_s"] / s[_best(s, "torch", suffix)]["examples_per_s"])
+          s[name]["examples_per_s"] / s[same]["examples_per_s"])
   print(f"[{case}: " + ", ".join(f"{k} {v['examples_per_s']:.1f} ex/s"
                                  for k, v in row["sides"].items())
         + f"; load {load_before[0]} -> {load_after[0]}]", flush=True)

@@ -53,8 +53,8 @@ def with_tcmalloc(env: dict, path: str | None = None) -> dict:
 
 
 def reexec_under_tcmalloc() -> None:
-  """Restarts this command (same PID, arguments and environment) with TCMalloc preloaded, when
-  one is installed and not yet in use; otherwise returns."""
+  """Restarts this command (same PID and arguments) with TCMalloc added to LD_PRELOAD, when one
+  is installed and not yet in use; otherwise returns."""
   if preloaded():
     return
   try:

@@ -6,10 +6,11 @@ projected to the hidden size; token-type embeddings mark text (0) and image (1) 
 learned slot embedding orders the images. Padding masks cover text and missing images.
 
 Layers are stacked with `nn.scan` (one compilation however deep; `scan_unroll` layers per
-iteration), optionally rematerialised (`remat`), and run in `dtype`: bfloat16 on accelerators, with float32 parameters, optimiser
-state and softmax (bf16 has float32's exponent range, so no loss scaling is needed). Every
-parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, `layers`, `image`) that the config's
-sharding rules map onto the device mesh. The task heads and adapters live in `task_layers.py`.
+iteration), optionally rematerialised (`remat`), and run in `dtype`: bfloat16 on accelerators,
+with float32 parameters, optimiser state and softmax (bf16 has float32's exponent range, so no
+loss scaling is needed). Every parameter carries logical axis names (`vocab`, `embed`, `heads`,
+`kv`, `mlp`, `layers`, `image`) that the config's sharding rules map onto the device mesh.
+The task heads and adapters live in `task_layers.py`.
 """
 import dataclasses
 from typing import Any

@@ -169,5 +169,5 @@ def test_vs_pytorch_runs_every_side_under_each_allocator():
   rows = {k: {"examples_per_s": v} for k, v in speeds.items()}
   assert vs_pytorch._best(rows, "torch") == "torch"
   assert vs_pytorch._best(rows, "ours") == "ours_tcmalloc"
-  assert vs_pytorch._best(rows, "torch", "_tcmalloc") == "torch_tcmalloc"
-  assert vs_pytorch._best(rows, "torch", "") == "torch"
+  assert vs_pytorch._best(rows, "torch", tcmalloc=True) == "torch_tcmalloc"
+  assert vs_pytorch._best(rows, "ours", tcmalloc=False) == "ours"
