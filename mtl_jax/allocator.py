@@ -21,12 +21,17 @@ _CANDIDATES = ("/usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4",
                "/usr/lib64/libtcmalloc.so.4")
 
 
+def turned_off() -> bool:
+  """Whether the user turned preloading off ($MTL_JAX_TCMALLOC=0)."""
+  return os.environ.get(ENV_VAR, "") == "0"
+
+
 def tcmalloc_path() -> str | None:
   """The TCMalloc library to preload: $MTL_JAX_TCMALLOC, else the first one installed; None when
   turned off, not on Linux or not installed."""
-  choice = os.environ.get(ENV_VAR, "")
-  if choice == "0" or not sys.platform.startswith("linux"):
+  if turned_off() or not sys.platform.startswith("linux"):
     return None
+  choice = os.environ.get(ENV_VAR, "")
   if choice:
     if not os.path.isfile(choice):
       raise FileNotFoundError(f"${ENV_VAR}={choice}: no such file. Fix: point it at an "

@@ -75,7 +75,7 @@ def main(argv):
   logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(),
                jax.local_devices())
   if (jax.default_backend() == "cpu" and not allocator.preloaded()
-      and os.environ.get(allocator.ENV_VAR) != "0" and jax.process_index() == 0):
+      and not allocator.turned_off() and jax.process_index() == 0):
     print("Note: running without TCMalloc; CPU train steps are faster with it (apt-get install "
           "libtcmalloc-minimal4; see mtl_jax/allocator.py).", flush=True)
   try:
