@@ -30,12 +30,13 @@ the test split). The goal: beat the probe on every task with at least 100 traini
 match it within one standard error elsewhere; the smallest tasks should gain over single-task.
 
 Prints the table and writes experiments/results/real_embeddings.json (command, date, hardware,
-every run). Runs live under --workdir (default runs/experiments/real_embeddings) and are
-reused when their reports exist.
+every run). Runs live under --workdir (default runs/experiments/real_embeddings), named by
+config, overrides and a hash of the resulting config, and are reused when their reports exist.
 """
 import argparse
 import bz2
 import collections
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -165,7 +166,6 @@ def main():
   if args.smoke:
     overrides = {"total_steps": 6, "eval_every": 6, "checkpoint_every": 6, **overrides}
     seeds = seeds[:2]
-  # Runs are named by config and overrides, and reused when their reports exist.
   tag = ",".join([os.path.basename(args.config).replace(".py", "")] +
                  [f"{k}={v}" for k, v in sorted(overrides.items())])
   root = args.workdir or ("runs/experiments/real_embeddings-smoke" if args.smoke
@@ -179,8 +179,12 @@ def main():
         f"products ({info['embedding_seconds']:.0f} s to embed, reused if made before)",
         flush=True)
   config = load_config(args.config, overrides, catalogue_dir)
+  # Reused runs must be of this very config: an edited config file makes new runs.
+  tag += "-" + hashlib.sha1(config.to_json().encode()).hexdigest()[:8]
 
-  probe_dir = os.path.join(root, "probe")
+  holdout = config.eval.holdout_classes  # The probe holds out the same classes as the runs.
+  probe_dir = os.path.join(root, "probe" + (f"-holdout{holdout}-{config.eval.holdout_mode}"
+                                            if holdout else ""))
   if not _has_reports(probe_dir, args.split):
     linear_probe.run_linear_probe(config, probe_dir, text_features_kind="none")
   runs = {"probe": [probe_dir], "mtl": []}

@@ -65,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   # overhead in the step (about 10% on CPU at 2 x 128) for a longer compile.
   c.model.scan_unroll = 1
   c.model.text_init = ""  # A local BERT-family checkpoint directory; empty: random init.
+  # "probe": a fresh run starts with every task's head set to its linear probe on the initial
+  # encoder's head inputs (linear_probe.heads_from_probe, L2 chosen on validation), then trains
+  # everything: "linear probe, then fine-tune". "random": heads drawn at random.
+  c.model.head_init = "random"
 
   # Optimisation.
   c.optimizer = ml_collections.ConfigDict()
@@ -355,6 +359,8 @@ def validate_config(c, num_devices: int, process_count: int = 1) -> None:
           f"{c.model.num_heads}", "choose sizes with hidden_size % num_heads == 0")
   if c.model.pooling not in ("cls", "mean"):
     _fail("model.pooling", f"unknown {c.model.pooling!r}", "use 'cls' or 'mean'")
+  if c.model.head_init not in ("random", "probe"):
+    _fail("model.head_init", f"unknown {c.model.head_init!r}", "use 'random' or 'probe'")
   from mtl_jax import model  # Local, as above.
   if c.model.remat not in model.REMAT_POLICIES:
     _fail("model.remat", f"unknown {c.model.remat!r}", f"use one of {tuple(model.REMAT_POLICIES)}")

@@ -256,7 +256,10 @@ def _fit_chunk_fn(max_iter: int, tol: float):
     params, _, grad_norm, iters = jax.lax.while_loop(
         going, step, (params, solver.init(params), jnp.asarray(jnp.inf), jnp.asarray(0)))
     _, final_grad = jax.value_and_grad(loss)(params)
-    return logits_of(params, xe), iters, optax.tree.norm(final_grad)
+    # The same classifier on unstandardised rows: x @ kernel + bias.
+    kernel = params["w"] / std[:, None]
+    return (logits_of(params, xe), iters, optax.tree.norm(final_grad), kernel,
+            params["b"] - mean @ kernel)
 
   over_grid = jax.vmap(fit, in_axes=(None, None, None, None, None, 0))
   return jax.jit(jax.vmap(over_grid, in_axes=(0, 0, 0, 0, 0, None)))
@@ -265,7 +268,7 @@ def _fit_chunk_fn(max_iter: int, tol: float):
 def fit_tasks(train_x: list[np.ndarray], train_y: list[np.ndarray], train_w: list[np.ndarray],
               eval_x: list[np.ndarray], trained_classes: Sequence[int], num_classes: int,
               l2_grid: Sequence[float], max_iter: int = DEFAULT_MAX_ITER,
-              tol: float = DEFAULT_TOL) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+              tol: float = DEFAULT_TOL, with_weights: bool = False) -> tuple:
   """Fits every task's probe for every grid value.
 
   Args:
@@ -277,13 +280,16 @@ def fit_tasks(train_x: list[np.ndarray], train_y: list[np.ndarray], train_w: lis
     l2_grid: the L2 strengths.
 
   Returns:
-    (logits: per task [G, e_t, num_classes], iterations [T, G], final gradient norms [T, G]).
+    (logits: per task [G, e_t, num_classes], iterations [T, G], final gradient norms [T, G]);
+    with `with_weights`, also per task (kernel [G, F, num_classes], bias [G, num_classes]): each
+    fit as a classifier of the unstandardised rows.
   """
   import jax.numpy as jnp
   num_tasks, grid = len(train_x), np.asarray(l2_grid, np.float32)
   num_features = train_x[0].shape[1] if num_tasks else 0
   fit = _fit_chunk_fn(int(max_iter), float(tol))
   logits: list = [None] * num_tasks
+  weights: list = [None] * num_tasks
   iterations = np.zeros((num_tasks, len(grid)), np.int64)
   grad_norms = np.zeros((num_tasks, len(grid)), np.float64)
   shape_of = lambda t: (_pow2(len(train_x[t]), 16), _pow2(len(eval_x[t]), 16))
@@ -311,13 +317,15 @@ def fit_tasks(train_x: list[np.ndarray], train_y: list[np.ndarray], train_w: lis
         x[i, :n], y[i, :n], w[i, :n] = train_x[t], train_y[t], train_w[t]
         xe[i, :e] = eval_x[t]
         mask[i, :trained_classes[t]] = True
-      out, iters, norms = fit(jnp.asarray(x), jnp.asarray(y), jnp.asarray(w), jnp.asarray(mask),
-                              jnp.asarray(xe), jnp.asarray(grid))
-      out, iters, norms = np.asarray(out), np.asarray(iters), np.asarray(norms)
+      out, iters, norms, kernel, bias = (np.asarray(a) for a in fit(
+          jnp.asarray(x), jnp.asarray(y), jnp.asarray(w), jnp.asarray(mask), jnp.asarray(xe),
+          jnp.asarray(grid)))
       for i, t in enumerate(dict.fromkeys(tasks)):
         logits[t] = out[i, :, :len(eval_x[t])]
         iterations[t], grad_norms[t] = iters[i], norms[i]
-  return logits, iterations, grad_norms
+        if with_weights:
+          weights[t] = (kernel[i], bias[i])
+  return (logits, iterations, grad_norms) + ((weights,) if with_weights else ())
 
 
 def select_l2(val_logits: np.ndarray, val_labels: np.ndarray, trained: int,
@@ -482,6 +490,73 @@ def run_linear_probe(config, workdir: str | os.PathLike, tasks: Sequence[str] | 
            "tasks": per_task}
   (workdir / PROBE_FILE).write_text(json.dumps(probe, indent=1), encoding="utf-8")
   return summaries
+
+
+# --- Heads initialised by the probe (model.head_init="probe") ------------------------------------
+
+def _head_inputs(model, state, catalogue, tokenizer, config, split: str):
+  """(head inputs [N, H], task ids [N], labels as head columns [N]) of a split, as evaluated."""
+  import jax
+  from mtl_jax import input_pipeline, steps  # Local: the probe command needs neither.
+  batches = input_pipeline.eval_batches(catalogue, split, tokenizer, config,
+                                        jax.process_index(), jax.process_count())
+  outs = list(steps.evaluate_batches(model, state.params, state.adapter_map, batches,
+                                     with_features=True))
+  if not outs:
+    return np.zeros((0, model.spec.hidden_size), np.float32), np.zeros(0, int), np.zeros(0, int)
+  return tuple(np.concatenate([o[k] for o in outs]) for k in ("features", "task_id", "label"))
+
+
+def heads_from_probe(model, state, catalogue, tokenizer, config,
+                     l2_grid: Sequence[float] = DEFAULT_L2_GRID, tasks_per_fit: int = 512):
+  """Every task's head set to its linear probe on the state's own head inputs (LP-FT).
+
+  The first step of "linear probe, then fine-tune": fine-tuning starts from heads that already
+  fit the encoder's features, so its first updates do not bend the features towards random
+  heads (Kumar et al., 2022, "Fine-Tuning can Distort Pretrained Features"). Per task, this
+  module's solver is fitted on the head inputs of its train examples of trained classes (the
+  features are computed as in evaluation: no dropout, no augmentation), the L2 with the best
+  validation accuracy is kept (`select_l2`), and the fit is written into the task's head blocks.
+
+  Returns:
+    (the state with the new heads, the probes' mean validation accuracy over the tasks with
+    validation examples, or None without any).
+  """
+  import jax
+  grid = _check_grid(l2_grid)
+  train_x, train_t, train_y = _head_inputs(model, state, catalogue, tokenizer, config, "train")
+  val_x, val_t, val_y = _head_inputs(model, state, catalogue, tokenizer, config, "validation")
+  trained = np.asarray(jax.device_get(state.num_classes))
+  num_tasks, width = len(trained), int(model.config.model.max_classes)
+  by_train, by_val = _rows_by_task(train_t, num_tasks), _rows_by_task(val_t, num_tasks)
+  layout = model.head_layout
+  heads = jax.tree.map(np.array, jax.device_get(state.params["tasks"]["heads"]))
+  accuracies = []
+  for start in range(0, num_tasks, tasks_per_fit):  # Bounds the grid's weights held at once.
+    chunk = range(start, min(num_tasks, start + tasks_per_fit))
+    labels = [train_y[by_train[t]] for t in chunk]
+    logits, _, _, weights = fit_tasks(
+        [train_x[by_train[t]] for t in chunk],
+        [np.where(y < trained[t], y, 0) for t, y in zip(chunk, labels)],
+        [(y < trained[t]).astype(np.float32) for t, y in zip(chunk, labels)],
+        [val_x[by_val[t]] for t in chunk], trained[start:chunk.stop], width, grid,
+        with_weights=True)
+    for i, t in enumerate(chunk):
+      best, val_accuracy = select_l2(logits[i], val_y[by_val[t]], int(trained[t]), grid)
+      if val_accuracy[best] is not None:
+        accuracies.append(val_accuracy[best])
+      rows, block = layout.task_rows(t), layout.block
+      kernel = np.zeros((heads["kernel"].shape[1], len(rows) * block), np.float32)
+      bias = np.zeros(len(rows) * block, np.float32)
+      columns = min(kernel.shape[1], width)
+      kernel[:, :columns], bias[:columns] = (weights[i][0][best][:, :columns],
+                                             weights[i][1][best][:columns])
+      heads["kernel"][rows] = kernel.reshape(-1, len(rows), block).transpose(1, 0, 2)
+      heads["bias"][rows] = bias.reshape(len(rows), block)
+  placed = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
+                        heads, state.params["tasks"]["heads"])
+  params = {**state.params, "tasks": {**state.params["tasks"], "heads": placed}}
+  return state.replace(params=params), (float(np.mean(accuracies)) if accuracies else None)
 
 
 def is_probe_run(workdir: str | os.PathLike) -> bool:

@@ -137,6 +137,12 @@ def _train(config, workdir, stop_at_step):
                                              spec)
       state = state.replace(params={**state.params, "encoder": jax.device_put(
           encoder, model.state_shardings().params["encoder"])})
+    if config.model.head_init == "probe":
+      from mtl_jax import linear_probe  # Local: only runs that fit the probe need it.
+      state, accuracy = linear_probe.heads_from_probe(model, state, catalogue, tokenizer, config)
+      _print("Heads initialised by per-task linear probes on the initial encoder's features "
+             f"(model.head_init=probe): mean validation accuracy "
+             f"{'n/a' if accuracy is None else f'{accuracy:.3f}'}.")
     start_step, dypa_events, meta = 0, [], {}
   else:
     start_step, state, meta = restored

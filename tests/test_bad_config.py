@@ -43,6 +43,8 @@ BAD_FIELDS = [
                                           "Fix: use 'stop' or 'skip'"]),
     ({"data.on_bad_record": "drop"}, ["config.data.on_bad_record: unknown 'drop'",
                                        "Fix: use 'fail' or 'skip'"]),
+    ({"model.head_init": "zeros"}, ["config.model.head_init: unknown 'zeros'",
+                                     "Fix: use 'random' or 'probe'"]),
 ]
 
 

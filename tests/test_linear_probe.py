@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from etils import epath
 
-from mtl_jax import linear_probe, single_task
+from mtl_jax import linear_probe, prepare, sharding, single_task, train
+from mtl_jax import state as state_lib
 from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,3 +147,27 @@ def test_minilm_text_features_are_sentence_embeddings_and_cached(tmp_path, monke
   monkeypatch.setattr(linear_probe, "TextEmbedder", None)
   np.testing.assert_array_equal(linear_probe.text_features(records, tmp_path, 24, "train", {}),
                                 features)
+
+
+@pytest.mark.slow  # Prepares a catalogue and compiles a probe fit: about 40 s.
+def test_probe_heads_make_the_model_score_what_its_probes_score(tmp_path):
+  """model.head_init="probe": the heads become the probes fitted on the model's own head inputs,
+  so the model's validation accuracy is the probes' (their de-standardised weights sit in the
+  right head blocks), and the encoder is untouched."""
+  config = tiny_config(**{"model.head_init": "probe"})
+  catalogue, tokenizer = prepare.prepare_data(config, epath.Path(tmp_path))
+  table = catalogue.task_table
+  model = state_lib.Model(config, state_lib.model_spec(config, table, len(tokenizer)),
+                          state_lib.trained_num_classes(table.num_classes, 0),
+                          sharding.make_mesh(config.mesh))
+  state = model.create_state(jax.random.key(0))
+  probed, accuracy = linear_probe.heads_from_probe(model, state, catalogue, tokenizer, config)
+
+  for before, after in zip(jax.tree.leaves(state.params["encoder"]),
+                           jax.tree.leaves(probed.params["encoder"])):
+    np.testing.assert_array_equal(before, after)
+  random_heads = train.evaluate_split(model, state, catalogue, "validation", tokenizer, config)
+  probe_heads = train.evaluate_split(model, probed, catalogue, "validation", tokenizer, config)
+  assert probe_heads.summary["mean_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+  # Measured: 0.531 against 0.158 for the random heads (chance 0.155).
+  assert accuracy > random_heads.summary["mean_accuracy"] + 0.1, (accuracy, random_heads.summary)
