@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from etils import epath
 
+from configs import common
 from mtl_jax import linear_probe, prepare, sharding, single_task, train
 from mtl_jax import state as state_lib
 from tests.helpers import tiny_config
@@ -149,8 +150,8 @@ def test_minilm_text_features_are_sentence_embeddings_and_cached(tmp_path, monke
                                 features)
 
 
-@pytest.mark.slow  # Prepares a catalogue and compiles a probe fit: about 40 s.
-def test_probe_heads_make_the_model_score_what_its_probes_score(tmp_path):
+@pytest.mark.slow  # Prepares a catalogue, fits the probes, trains 2 steps: about a minute.
+def test_probe_heads_make_the_model_score_what_its_probes_score(tmp_path, capsys):
   """model.head_init="probe": the heads become the probes fitted on the model's own head inputs,
   so the model's validation accuracy is the probes' (their de-standardised weights sit in the
   right head blocks), and the encoder is untouched."""
@@ -171,3 +172,8 @@ def test_probe_heads_make_the_model_score_what_its_probes_score(tmp_path):
   assert probe_heads.summary["mean_accuracy"] == pytest.approx(accuracy, abs=1e-6)
   # Measured: 0.531 against 0.158 for the random heads (chance 0.155).
   assert accuracy > random_heads.summary["mean_accuracy"] + 0.1, (accuracy, random_heads.summary)
+
+  # A fresh run with the option fits them before its first step.
+  train.train_and_evaluate(common.set_fields(config, {"total_steps": 2, "eval_every": 2}),
+                           str(tmp_path / "run"))
+  assert "Heads initialised by per-task linear probes" in capsys.readouterr().out
