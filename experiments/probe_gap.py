@@ -76,8 +76,7 @@ def measure(workdir: str, split: str = "validation", step="best",
   names = list(run.task_table.names)
   data = {s: split_outputs(run, arrays, catalogue, s) for s in dict.fromkeys(
       ("train", "validation", split))}
-  rows_of = {s: [np.flatnonzero(d["task_id"] == t) for t in range(len(names))]
-             for s, d in data.items()}
+  rows_of = {s: linear_probe.rows_by_task(d["task_id"], len(names)) for s, d in data.items()}
   inputs = {"refit": lambda d: d["features"], "probe": lambda d: d["embedding"],
             "refit+emb": lambda d: np.concatenate([d["features"], d["embedding"]], 1)}
   rows = [{"task": n, "train_products": len(rows_of["train"][t]),

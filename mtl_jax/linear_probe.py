@@ -351,7 +351,7 @@ def select_l2(val_logits: np.ndarray, val_labels: np.ndarray, trained: int,
 
 # --- The run ------------------------------------------------------------------------------------
 
-def _rows_by_task(task_ids: np.ndarray, num_tasks: int) -> list[np.ndarray]:
+def rows_by_task(task_ids: np.ndarray, num_tasks: int) -> list[np.ndarray]:
   """Per task, the positions of its rows (in file order): one stable sort, not a scan per task."""
   order = np.argsort(task_ids, kind="stable")
   ends = np.cumsum(np.bincount(task_ids, minlength=num_tasks))
@@ -423,7 +423,7 @@ def run_linear_probe(config, workdir: str | os.PathLike, tasks: Sequence[str] | 
         (0, sum(p.shape[1] for p in parts)), np.float32)
     data[split] = (features, remap[task_ids[keep]], labels[keep])
 
-  by_task = {split: _rows_by_task(data[split][1], len(names)) for split in cat.SPLITS}
+  by_task = {split: rows_by_task(data[split][1], len(names)) for split in cat.SPLITS}
   train_x, train_y, train_w, eval_x = [], [], [], []
   for t in range(len(names)):
     rows = by_task["train"][t]
@@ -528,8 +528,7 @@ def heads_from_probe(model, state, catalogue, tokenizer, config,
   val_x, val_t, val_y = _head_inputs(model, state, catalogue, tokenizer, config, "validation")
   trained = np.asarray(jax.device_get(state.num_classes))
   num_tasks, width = len(trained), int(model.config.model.max_classes)
-  by_train, by_val = _rows_by_task(train_t, num_tasks), _rows_by_task(val_t, num_tasks)
-  layout = model.head_layout
+  by_train, by_val = rows_by_task(train_t, num_tasks), rows_by_task(val_t, num_tasks)
   heads = jax.tree.map(np.array, jax.device_get(state.params["tasks"]["heads"]))
   accuracies = []
   for start in range(0, num_tasks, tasks_per_fit):  # Bounds the grid's weights held at once.
@@ -545,14 +544,7 @@ def heads_from_probe(model, state, catalogue, tokenizer, config,
       best, val_accuracy = select_l2(logits[i], val_y[by_val[t]], int(trained[t]), grid)
       if val_accuracy[best] is not None:
         accuracies.append(val_accuracy[best])
-      rows, block = layout.task_rows(t), layout.block
-      kernel = np.zeros((heads["kernel"].shape[1], len(rows) * block), np.float32)
-      bias = np.zeros(len(rows) * block, np.float32)
-      columns = min(kernel.shape[1], width)
-      kernel[:, :columns], bias[:columns] = (weights[i][0][best][:, :columns],
-                                             weights[i][1][best][:columns])
-      heads["kernel"][rows] = kernel.reshape(-1, len(rows), block).transpose(1, 0, 2)
-      heads["bias"][rows] = bias.reshape(len(rows), block)
+      model.head_layout.set_task_head(heads, t, weights[i][0][best], weights[i][1][best])
   placed = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
                         heads, state.params["tasks"]["heads"])
   params = {**state.params, "tasks": {**state.params["tasks"], "heads": placed}}

@@ -98,6 +98,19 @@ class HeadLayout:
     return {"kernel": np.concatenate(list(kernel), axis=-1),
             "bias": np.asarray(heads["bias"])[rows].reshape(-1)}
 
+  def set_task_head(self, heads, task: int, kernel: np.ndarray, bias: np.ndarray) -> None:
+    """The inverse of `task_head`: writes a classifier {kernel [H, C], bias [C]} into task
+    `task`'s blocks of the numpy `heads`, in place; columns past the blocks' width are dropped,
+    block columns past C are zero."""
+    rows = self.task_rows(task)
+    width = len(rows) * self.block
+    k = np.zeros((kernel.shape[0], width), np.float32)
+    b = np.zeros(width, np.float32)
+    columns = min(width, kernel.shape[1])
+    k[:, :columns], b[:columns] = kernel[:, :columns], bias[:columns]
+    heads["kernel"][rows] = k.reshape(-1, len(rows), self.block).transpose(1, 0, 2)
+    heads["bias"][rows] = b.reshape(len(rows), self.block)
+
 
 def init_heads(rng, num_rows: int, hidden_size: int, block: int) -> dict:
   normal, zeros = _sampler(rng)

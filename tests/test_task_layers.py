@@ -141,3 +141,23 @@ def test_host_initialisers_match_the_jax_ones_in_shape_and_kind():
   assert 0.01 < on_host["down"].std() < 0.03 and 0.01 < on_host["kernel"].std() < 0.03
   assert all(np.array_equal(v, draw([7, 1])[k]) for k, v in on_host.items())
   assert not np.array_equal(on_host["down"], draw([7, 2])["down"])
+
+
+def test_set_task_head_is_the_inverse_of_task_head():
+  heads = {k: np.array(v) for k, v in task_layers.init_heads(
+      jax.random.key(3), LAYOUT.num_rows, H, LAYOUT.block).items()}
+  before = {k: v.copy() for k, v in heads.items()}
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=(H, 10)).astype(np.float32)
+  bias = rng.normal(size=10).astype(np.float32)
+  LAYOUT.set_task_head(heads, 1, kernel, bias)  # Task 1 holds two blocks of 4: 8 of 10 columns.
+  head = LAYOUT.task_head(heads, 1)
+  np.testing.assert_array_equal(head["kernel"], kernel[:, :8])
+  np.testing.assert_array_equal(head["bias"], bias[:8])
+  others = np.setdiff1d(np.arange(LAYOUT.num_rows), LAYOUT.task_rows(1))
+  np.testing.assert_array_equal(heads["kernel"][others], before["kernel"][others])
+  narrow = kernel[:, :5]  # Narrower than the blocks: the rest is zero.
+  LAYOUT.set_task_head(heads, 1, narrow, bias[:5])
+  head = LAYOUT.task_head(heads, 1)
+  np.testing.assert_array_equal(head["kernel"][:, :5], narrow)
+  assert np.all(head["kernel"][:, 5:] == 0) and np.all(head["bias"][5:] == 0)
