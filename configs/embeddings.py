@@ -20,9 +20,10 @@ all-MiniLM-L6-v2), a test mean accuracy of 0.840 ± 0.023 over 3 seeds (re-run 2
 0.848 ± 0.002 before the layers were unrolled), in about 5 minutes per run on a 2-core CPU.
 That is below the per-task linear probe on the same vectors (0.877): fit it beside the run
 (`python -m mtl_jax.single_task --kind=linear_probe --text_features=none ...`) and compare per
-task. `--config.model.head_init=probe` (linear probe, then fine-tune) raised the validation
-mean from 0.868 ± 0.024 to 0.889 ± 0.012 over the same seeds, not in every seed: the README's
-"Real embeddings" section has the table.
+task. `--config.model.head_init=probe` (linear probe, then fine-tune; its probe heads are
+evaluated at step 0 and count for the best checkpoint) gave 0.848 ± 0.015 test over the same
+seeds, lower in one of them, so the heads here start at random: the README's "Real embeddings"
+section has the tables.
 """
 from configs import common
 

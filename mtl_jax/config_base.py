@@ -67,12 +67,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.text_init = ""  # A local BERT-family checkpoint directory; empty: random init.
   # "probe": a fresh run starts with every task's head set to its linear probe on the initial
   # encoder's head inputs (linear_probe.heads_from_probe, L2 chosen on validation), then trains
-  # everything: "linear probe, then fine-tune". "random": heads drawn at random.
+  # everything: "linear probe, then fine-tune"; the probe heads are evaluated at step 0 and count
+  # for the best checkpoint. "random": heads drawn at random.
   c.model.head_init = "random"
 
   # Optimisation.
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3
+  # The shared encoder's rate as a share of `learning_rate` (the heads and adapters keep the
+  # full rate): below 1 keeps the encoder's features close to where they started, e.g. after
+  # model.head_init=probe.
+  c.optimizer.encoder_lr_factor = 1.0
   c.optimizer.warmup_steps = 50
   c.optimizer.end_learning_rate_factor = 0.01
   c.optimizer.weight_decay = 0.01
@@ -236,6 +241,7 @@ NUMERIC_RANGES = {
     "model.adapter_size": _int(1),
     "model.adapter_layers": _int(1, why="1 is one residual block"),
     "optimizer.learning_rate": _Range(**_POSITIVE, why="a negative rate trains backwards"),
+    "optimizer.encoder_lr_factor": _Range(0.0, why="0 freezes the encoder's weights"),
     "optimizer.warmup_steps": _int(0),
     "optimizer.end_learning_rate_factor": _Range(**_FRACTION,
                                                  why="the final rate as a share of the peak"),

@@ -58,10 +58,14 @@ def decays(path) -> bool:
       f"): add it to DECAYED_NAMES or UNDECAYED_NAMES in mtl_jax/optim.py.")
 
 
-def encoder_optimizer(cfg, schedule) -> optax.GradientTransformation:
+def encoder_optimizer(cfg, schedule: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+  """AdamW at `schedule` times `optimizer.encoder_lr_factor`, decay masked by `decays`."""
   opt = cfg.optimizer
+  factor, rate = opt.encoder_lr_factor, schedule
+  if factor != 1.0:
+    rate = (lambda step: factor * schedule(step)) if callable(schedule) else factor * schedule
   return optax.adamw(
-      schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+      rate, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
       mask=lambda params: jax.tree_util.tree_map_with_path(lambda p, _: decays(p), params))
 
 

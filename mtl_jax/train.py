@@ -215,6 +215,12 @@ def _train(config, workdir, stop_at_step):
            f"evaluations without improvement, patience {tracker.patience}); nothing left to "
            "train. Raise --config.early_stopping_patience to train on.")
   evaluations = step // config.eval_every  # Validation evaluations done so far in this run.
+  if step == 0 and config.model.head_init == "probe" and tracker.enabled:
+    # The probe heads are a model already: training must beat them to be the best checkpoint.
+    result = evaluate_split(model, state, catalogue, "validation", tokenizer, config)
+    _log_result(writer, step, "validation", result)
+    if tracker.update(step, result.summary, count=False):
+      checkpoint(state)
   started = time.time()
   try:
     while step < config.total_steps and not tracker.should_stop():

@@ -65,6 +65,7 @@ BAD_NUMBERS = [
     ("optimizer.learning_rate", 0.0, "0.0 must be > 0"),
     ("optimizer.learning_rate", NAN, "nan is not a finite number"),
     ("optimizer.learning_rate", INF, "inf is not a finite number"),
+    ("optimizer.encoder_lr_factor", -0.1, "-0.1 must be >= 0 (0 freezes the encoder's weights)"),
     ("optimizer.warmup_steps", -1, "-1 must be >= 0"),
     ("optimizer.end_learning_rate_factor", 1.5, "1.5 is outside [0, 1]"),
     ("optimizer.end_learning_rate_factor", -0.1, "-0.1 is outside [0, 1]"),

@@ -179,3 +179,20 @@ def test_row_update_decays_adapter_and_head_matrices_only():
       np.testing.assert_array_equal(new[k][0], params[k][0], err_msg=k)  # Absent row.
     for k in kept:
       np.testing.assert_array_equal(new[k], params[k], err_msg=k)
+
+
+def test_encoder_lr_factor_scales_the_encoder_step():
+  """optimizer.encoder_lr_factor multiplies the encoder's AdamW step (linear in the rate, weight
+  decay included); 0 freezes the encoder. The heads' rows take `model.schedule` unscaled."""
+  params = rows_tree(3)
+  grads = rows_tree(4)
+  schedule = optax.constant_schedule(0.01)
+  step = {}
+  for factor in (1.0, 0.25, 0.0):
+    tx = optim.encoder_optimizer(tiny_config(**{"optimizer.encoder_lr_factor": factor,
+                                                "optimizer.weight_decay": 0.1}), schedule)
+    step[factor], _ = tx.update(grads, tx.init(params), params)
+  for k in params:
+    assert np.abs(step[1.0][k]).min() > 1e-3
+    np.testing.assert_allclose(step[0.25][k], 0.25 * step[1.0][k], rtol=1e-6)
+    np.testing.assert_array_equal(step[0.0][k], 0.0)
