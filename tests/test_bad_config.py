@@ -138,7 +138,7 @@ def test_numeric_field_out_of_range_is_named_with_its_fix(field, value, problem)
   default = config_base.base_config()
   for part in field.split("."):
     default = default[part]
-  assert f". Fix: set a value " in message and f"--config.{field}={default!r}" in message
+  assert ". Fix: set a value " in message and f"--config.{field}={default!r}" in message
 
 
 def test_the_numeric_ranges_cover_every_numeric_field():

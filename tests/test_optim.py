@@ -183,7 +183,7 @@ def test_row_update_decays_adapter_and_head_matrices_only():
 
 def test_encoder_lr_factor_scales_the_encoder_step():
   """optimizer.encoder_lr_factor multiplies the encoder's AdamW step (linear in the rate, weight
-  decay included); 0 freezes the encoder. The heads' rows take `model.schedule` unscaled."""
+  decay included); 0 freezes the encoder."""
   params = rows_tree(3)
   grads = rows_tree(4)
   schedule = optax.constant_schedule(0.01)
