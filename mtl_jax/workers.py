@@ -27,7 +27,8 @@ class Worker:
     self._job, self._out, self._log = (Path(f"{prefix}.{ext}") for ext in ("job", "out", "log"))
     self._description = description
     self._job.write_text(json.dumps(job))
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": os.pathsep.join(
+    # TensorFlow's logging is set where mtl_jax is imported (mtl_jax/__init__.py).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     with open(self._log, "wb") as log:
       self._proc = subprocess.Popen(
