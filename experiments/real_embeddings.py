@@ -20,6 +20,13 @@ Bags and Canvas Frames."). Here:
   probe's own text features), stored as its one image embedding; every title is the neutral
   "product". The model and the probe see exactly the same 384-d vectors.
 
+`--small_sites K` adds the setting where other sites can teach a small one: each of the K
+largest segments with at least `SMALL_SITE_MIN_CLASSES` classes gives a new task, "<segment>
+(small site)", the same families in its own label order, `SMALL_SITE_TRAIN_BRICKS` training
+bricks per family (with the products they list) and half of each family's validation and test
+bricks, all taken from the segment's own task. The small site then has about a tenth of the
+segment's training products, and only the segment's task, trained beside it, has seen the rest.
+
 For each seed one multi-task run of `--config` (the recommended config for precomputed
 embeddings, `configs/embeddings.py`); once, per-task single-task runs of the same config (each
 task alone, `single_task`'s epochs policy) and the per-task linear probe (`single_task
@@ -57,6 +64,9 @@ from mtl_jax import single_task  # noqa: E402
 MIN_BRICKS = 5  # A class needs bricks in all three splits.
 SPLIT_FRACTIONS = (0.6, 0.2)  # train, validation; the rest is test.
 SMALL_TASK = 100  # Training products under which a task only has to match the probe.
+SMALL_SITE_MIN_CLASSES = 4  # A small site split off a segment of 2-3 families teaches little.
+SMALL_SITE_TRAIN_BRICKS = 2  # Per family: the small site's training bricks.
+SMALL_SITE_SUFFIX = " (small site)"
 _INCLUDES = re.compile(r"[Ii]ncludes (?:any )?products such as (.*?)(?:\.\s|\.$|$)")
 _PERDU_FIX = "pip install --no-deps perdu==0.2.1"
 
@@ -116,18 +126,57 @@ def benchmark_products(bricks: list[dict], seed: int = 0) -> tuple[dict, dict]:
   return tasks, splits
 
 
-def make_catalogue(out_dir: str, max_len: int = 128) -> dict:
+def split_off_small_sites(tasks: dict, splits: dict, num_sites: int,
+                          seed: int = 0) -> tuple[dict, dict]:
+  """Moves part of the largest segments' products to new small sites (module docstring).
+
+  Products are moved by brick (a brick and the products it lists stay together), so the
+  splits stay disjoint by brick. Returns new (tasks, splits); the inputs are not changed.
+  """
+  def brick(product):
+    return product["id"].split("/")[0]
+
+  train_size = collections.Counter(p["task"] for p in splits["train"])
+  donors = [t for t in sorted(tasks, key=lambda t: (-train_size[t], t))
+            if len(tasks[t]) >= SMALL_SITE_MIN_CLASSES][:num_sites]
+  if len(donors) < num_sites:
+    raise ValueError(f"--small_sites={num_sites}: only {len(donors)} segments have at least "
+                     f"{SMALL_SITE_MIN_CLASSES} classes. Fix: --small_sites={len(donors)} or "
+                     "fewer.")
+  rng = np.random.default_rng(seed)
+  moved = set()  # (task, brick) pairs that go to the small site.
+  for split, members in splits.items():
+    for task in donors:
+      for family in tasks[task]:
+        bricks = sorted({brick(p) for p in members if p["task"] == task and p["label"] == family})
+        take = SMALL_SITE_TRAIN_BRICKS if split == "train" else len(bricks) // 2
+        # The segment's own task keeps at least one brick of every family in every split.
+        take = min(take, len(bricks) - 1)
+        moved.update((task, bricks[i]) for i in rng.permutation(len(bricks))[:take])
+  new_tasks = dict(tasks)
+  for task in donors:  # The same families in the site's own label order.
+    new_tasks[task + SMALL_SITE_SUFFIX] = list(reversed(tasks[task]))
+  new_splits = {split: [{**p, "task": p["task"] + SMALL_SITE_SUFFIX}
+                        if (p["task"], brick(p)) in moved else p for p in members]
+                for split, members in splits.items()}
+  return new_tasks, new_splits
+
+
+def make_catalogue(out_dir: str, max_len: int = 128, small_sites: int = 0) -> dict:
   """Writes (or reuses) the benchmark catalogue: MiniLM embeddings as each product's image."""
   info_path = os.path.join(out_dir, "benchmark_info.json")
   if catalogue.is_complete(out_dir) and os.path.exists(info_path):
     with open(info_path) as f:
       return json.load(f)
   tasks, splits = benchmark_products(gs1_bricks())
+  if small_sites:
+    tasks, splits = split_off_small_sites(tasks, splits, small_sites)
   counts = {split: collections.Counter(p["task"] for p in splits[split]) for split in splits}
   return common.write_embedding_catalogue(
       out_dir, tasks, splits,
       {"source": "GS1 GPC bricks from PyPI perdu==0.2.1 (perdu/data/gs1.json.bz2)",
-       "tasks": len(tasks), "classes": sum(len(c) for c in tasks.values()),
+       "small_sites": small_sites, "tasks": len(tasks),
+       "classes": sum(len(c) for c in tasks.values()),
        "train_products": counts["train"]}, "benchmark_info.json", max_len=max_len)
 
 
@@ -156,6 +205,8 @@ def main():
   parser.add_argument("--workdir", default=None, help="default: runs/experiments/"
                       "real_embeddings (runs/experiments/real_embeddings-smoke with --smoke)")
   parser.add_argument("--out", default=None)
+  parser.add_argument("--small_sites", type=int, default=0,
+                      help="Split this many small sites off the largest segments (docstring).")
   parser.add_argument("--smoke", action="store_true",
                       help="Two seeds of a few steps: a check that the script runs.")
   args = parser.parse_args()
@@ -168,12 +219,12 @@ def main():
     seeds = seeds[:2]
   tag = ",".join([os.path.basename(args.config).replace(".py", "")] +
                  [f"{k}={v}" for k, v in sorted(overrides.items())])
-  root = args.workdir or ("runs/experiments/real_embeddings-smoke" if args.smoke
-                          else "runs/experiments/real_embeddings")
+  root = args.workdir or ("runs/experiments/real_embeddings" + ("-smoke" if args.smoke else "")
+                          + (f"-small_sites{args.small_sites}" if args.small_sites else ""))
   catalogue_dir = os.path.join(root, "catalogue")
   try:
-    info = make_catalogue(catalogue_dir)
-  except (FileNotFoundError, linear_probe.MissingTextModelError) as e:
+    info = make_catalogue(catalogue_dir, small_sites=args.small_sites)
+  except (FileNotFoundError, ValueError, linear_probe.MissingTextModelError) as e:
     sys.exit(f"error: {e}")  # One line with the fix, no traceback.
   print(f"benchmark: {info['tasks']} tasks, {info['classes']} classes, {info['products']} "
         f"products ({info['embedding_seconds']:.0f} s to embed, reused if made before)",
@@ -227,22 +278,27 @@ def main():
                  "mtl_sd": mtl_sd, "single_task": single.get(task), "probe": probe, "gap": gap,
                  "target": "beat" if big else "match", "met": met})
     table.append([task[:34], str(train_sizes[task]), f"{mtl_mean:.3f} ± {mtl_sd:.3f}",
-                  "-" if task not in single else f"{single[task]:.3f}", f"{probe:.3f}",
-                  f"{gap:+.3f}", ("beat" if big else "match") + (" yes" if met else " NO")])
+                  "-" if task not in single else f"{single[task]:.3f}",
+                  "-" if task not in single else f"{mtl_mean - single[task]:+.3f}",
+                  f"{probe:.3f}", f"{gap:+.3f}", ("beat" if big else "match") +
+                  (" yes" if met else " NO")])
   summary = versus["probe"]["summary"]
   means = {"mtl": summary["mean_mtl_accuracy"], "mtl_sd": summary["mean_mtl_accuracy_std"] or 0.0,
            "probe": summary["mean_single_accuracy"]}
   if "single" in versus:
     means["single"] = versus["single"]["summary"]["mean_single_accuracy"]
   table.append(["mean", "", f"{means['mtl']:.3f} ± {means['mtl_sd']:.3f}",
-                f"{means.get('single', float('nan')):.3f}", f"{means['probe']:.3f}",
+                f"{means.get('single', float('nan')):.3f}",
+                f"{means['mtl'] - means.get('single', float('nan')):+.3f}", f"{means['probe']:.3f}",
                 f"{means['mtl'] - means['probe']:+.3f}",
                 f"{sum(r['met'] for r in rows)}/{len(rows)} met"])
   print(f"\n{args.split} accuracy, {len(seeds)} seeds of {args.config} ({tag}):")
-  print(common.format_table(["task", "train", "MTL", "single", "probe", "MTL-probe", "target"],
+  print(common.format_table(["task", "train", "MTL", "single", "MTL-single", "probe",
+                             "MTL-probe", "target"],
                             table))
   out = args.out or (os.path.join(root, "smoke.json") if args.smoke
-                     else common.default_out("real_embeddings"))
+                     else common.default_out("real_embeddings" + (
+                         f"_small_sites{args.small_sites}" if args.small_sites else "")))
   common.write_json(out, {**common.run_metadata(), "config": args.config,
                           "overrides": overrides, "seeds": seeds, "split": args.split,
                           "benchmark": info, "rows": rows, "means": means,

@@ -98,3 +98,35 @@ def test_the_embedding_catalogue_is_valid_and_holds_the_probes_features(tmp_path
   assert [r["images"] for r in records] == [[i] for i in range(45)]
   assert [r["id"] for r in records] == [p["id"] for p in products]
   assert {(r["title"], r["description"]) for r in records} == {(common.BLANK_TITLE, "")}
+
+
+def test_small_sites_take_whole_bricks_from_the_largest_segments(monkeypatch):
+  monkeypatch.setattr(real_embeddings, "SMALL_SITE_MIN_CLASSES", 2)
+  tasks, splits = real_embeddings.benchmark_products(_bricks(), seed=0)
+  before = json.dumps(splits, sort_keys=True)
+  new_tasks, new_splits = real_embeddings.split_off_small_sites(tasks, splits, 1)
+  assert json.dumps(splits, sort_keys=True) == before  # The inputs are not changed.
+  site = "A" + real_embeddings.SMALL_SITE_SUFFIX
+  assert new_tasks == {"A": ["a1", "a2"], site: ["a2", "a1"]}  # Its own label order.
+  # Only the task moves: the same products in the same splits.
+  for split in splits:
+    assert ([{k: v for k, v in p.items() if k != "task"} for p in new_splits[split]] ==
+            [{k: v for k, v in p.items() if k != "task"} for p in splits[split]])
+  bricks = collections.defaultdict(lambda: collections.defaultdict(set))
+  tasks_of_brick = collections.defaultdict(set)
+  for split, members in new_splits.items():
+    for p in members:
+      bricks[(p["task"], split)][p["label"]].add(p["id"].split("/")[0])
+      tasks_of_brick[p["id"].split("/")[0]].add(p["task"])
+  assert all(len(t) == 1 for t in tasks_of_brick.values())  # A brick stays whole.
+  # Training: 2 bricks per family (a2 has 3, so the segment keeps 1); validation and test: half
+  # of each family's bricks, rounded down (a2 has one, which the segment keeps).
+  assert {f: len(b) for f, b in bricks[(site, "train")].items()} == {"a1": 2, "a2": 2}
+  assert {f: len(b) for f, b in bricks[("A", "train")].items()} == {"a1": 4, "a2": 1}
+  for split in ("validation", "test"):
+    assert {f: len(b) for f, b in bricks[(site, split)].items()} == {"a1": 1}
+    assert {f: len(b) for f, b in bricks[("A", split)].items()} == {"a1": 1, "a2": 1}
+  assert sum(p["task"] == site for p in new_splits["train"]) == 12  # A brick and 2 listed.
+  with pytest.raises(ValueError, match=r"--small_sites=2: only 1 segments.*Fix: "
+                                       r"--small_sites=1"):
+    real_embeddings.split_off_small_sites(tasks, splits, 2)
