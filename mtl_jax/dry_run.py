@@ -232,7 +232,7 @@ def format_table(summary: dict) -> str:
     lines.append(f"{row['name']:<20} {row['count']:>15,} {_human(row['bytes']):>12} "
                  f"{_human(row['bytes_per_device']):>12}")
   heads = summary["heads_split_over"]
-  lines.append(f"task heads and their optimizer state: "
+  lines.append("task heads and their optimizer state: "
                + (f"split by block row over '{heads}'" if heads else "whole on every device"))
   compiled = summary["compiled"]
   if compiled:

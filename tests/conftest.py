@@ -3,6 +3,7 @@ import sys
 
 # Tests import `configs` and `tests.helpers` from the project root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Quiet TensorFlow in this process and every subprocess, before anything imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest

@@ -30,7 +30,6 @@ def main_args(workdir, catalogue_dir, **overrides) -> list[str]:
 
 def subprocess_env(**extra) -> dict:
   env = dict(os.environ)
-  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   env.pop("XLA_FLAGS", None)
   env.update(extra)
   return env

@@ -91,7 +91,7 @@ def test_mesh_shards_per_device_bytes_and_matches_xla(tmp_path):
   """The CLI on 4 fake devices (data=2 x model=2), with the compiled step's argument bytes as
   the independent check."""
   out = tmp_path / "summary.json"
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(
       [sys.executable, "-m", "mtl_jax.dry_run", "--config=configs/demo.py:tiny",

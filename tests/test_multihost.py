@@ -105,7 +105,7 @@ def _run_together(commands, log_dir, timeout, collective_timeout=60):
   a collective. A collective waits at most `collective_timeout` seconds for its peers (Gloo's
   connection set-up too), so a hang fails instead of waiting for the test's timeout.
   """
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
              # One device per process: no --xla_force_host_platform_device_count.
              XLA_FLAGS=f"--xla_cpu_collective_call_terminate_timeout_seconds="
                        f"{collective_timeout}")

@@ -4,7 +4,6 @@ deleted and `mtl_jax.predict` must reproduce them from the workdir alone."""
 import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
 

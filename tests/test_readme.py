@@ -43,7 +43,7 @@ def clone(tmp_path_factory):
 
 
 def run(command: str, cwd, timeout=3600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  env = dict(os.environ)
   env.pop("XLA_FLAGS", None)
   return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True,
                         timeout=timeout, env=env)
