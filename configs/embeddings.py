@@ -23,7 +23,9 @@ That is below the per-task linear probe on the same vectors (0.877): fit it besi
 task. `--config.model.head_init=probe` (linear probe, then fine-tune; its probe heads are
 evaluated at step 0 and count for the best checkpoint) gave 0.848 ± 0.015 test over the same
 seeds, lower in one of them, so the heads here start at random: the README's "Real embeddings"
-section has the tables.
+section has the tables. Where small sites sort the same products as a larger one
+(`experiments/real_embeddings.py --small_sites 4`), each small site gains over its own
+single-task run (+0.02 to +0.25) and over its probe.
 """
 from configs import common
 
