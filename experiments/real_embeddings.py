@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 
 from experiments import common  # noqa: E402
 from mtl_jax import catalogue  # noqa: E402
+from mtl_jax import config_base  # noqa: E402
 from mtl_jax import linear_probe  # noqa: E402
 from mtl_jax import single_task  # noqa: E402
 
@@ -183,6 +184,9 @@ def make_catalogue(out_dir: str, max_len: int = 128, small_sites: int = 0) -> di
 def load_config(path: str, overrides: dict, catalogue_dir: str):
   """The config file's `get_config` (path[:variant]) on the benchmark catalogue."""
   file, _, variant = path.partition(":")
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"--config={path}: no such config file in {os.getcwd()}. Fix: run "
+                            "from the repository's root, e.g. --config=configs/embeddings.py.")
   module = os.path.splitext(os.path.normpath(file))[0].replace(os.sep, ".")
   config = importlib.import_module(module).get_config(variant)
   common.set_fields(config, {"data.catalogue_dir": catalogue_dir, **overrides})
@@ -210,6 +214,9 @@ def main():
   parser.add_argument("--smoke", action="store_true",
                       help="Two seeds of a few steps: a check that the script runs.")
   args = parser.parse_args()
+  malformed = [kv for kv in args.set if "=" not in kv]
+  if malformed:
+    parser.error(f"--set {malformed[0]}: want field=value, e.g. --set total_steps=500")
   overrides = dict(kv.split("=", 1) for kv in args.set)
   overrides = {k: json.loads(v) if re.fullmatch(r"[-0-9.e]+|true|false", v) else v
                for k, v in overrides.items()}
@@ -223,13 +230,17 @@ def main():
                           + (f"-small_sites{args.small_sites}" if args.small_sites else ""))
   catalogue_dir = os.path.join(root, "catalogue")
   try:
+    # The overrides are checked first: a misspelt field fails before minutes of embedding.
+    config = load_config(args.config, overrides, catalogue_dir)
+    config_base.validate_config(config, num_devices=1)
     info = make_catalogue(catalogue_dir, small_sites=args.small_sites)
-  except (FileNotFoundError, ValueError, linear_probe.MissingTextModelError) as e:
-    sys.exit(f"error: {e}")  # One line with the fix, no traceback.
+  except (FileNotFoundError, KeyError, TypeError, ValueError,
+          linear_probe.MissingTextModelError) as e:
+    message = e.args[0] if isinstance(e, KeyError) else str(e)  # KeyError's str is quoted.
+    sys.exit(f"error: {' '.join(str(message).split())}")  # One line with the fix, no traceback.
   print(f"benchmark: {info['tasks']} tasks, {info['classes']} classes, {info['products']} "
         f"products ({info['embedding_seconds']:.0f} s to embed, reused if made before)",
         flush=True)
-  config = load_config(args.config, overrides, catalogue_dir)
   # Reused runs must be of this very config: an edited config file makes new runs.
   tag += "-" + hashlib.sha1(config.to_json().encode()).hexdigest()[:8]
 

@@ -6,6 +6,8 @@ its fix (a bad config value, a bad record, a damaged checkpoint, a workdir in us
 printed as `error: <message>` and the command exits with status 1; any other exception is a bug
 and keeps its traceback.
 """
+import os
+import re
 import sys
 
 from absl import flags
@@ -54,4 +56,38 @@ def parse(flag_values: flags.FlagValues, argv, prog: str) -> list[str]:
   if "--help" in argv or "-h" in argv or "--helpfull" in argv:
     print(f"usage: {prog} [flags]\n\n{flag_values.get_help()}")
     sys.exit(0)
-  return flag_values([prog] + argv)[1:]
+  return parse_flags(flag_values, [prog] + argv)[1:]
+
+
+def parse_flags(flag_values: flags.FlagValues, argv) -> list[str]:
+  """absl's parsing of `argv` (with the program name), a `--config` file loaded too; a bad flag,
+  config file or config override is said in one line with its fix and exits with status 2 (the
+  flags are the user's input: a traceback would only hide the message)."""
+  try:
+    rest = flag_values(argv)
+    if "config" in flag_values and flag_values.config is not None:
+      flag_values.config.get("seed")  # Loaded lazily: a missing or broken file raises here.
+    return rest
+  except (AttributeError, KeyError) as e:  # An override of a config field that does not exist.
+    text = str(e).replace("\\'", "'")
+    missing = re.search(r"'([^'\\]+)", text)
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    flag = next((a.split("=")[0] for a in argv if missing and a.startswith("--config.")
+                 and a.split("=")[0].endswith("." + missing.group(1))), "--config override")
+    fix = f"did you mean {flag.rsplit('.', 1)[0]}.{suggestion.group(1)}?" if suggestion else (
+        "use a field defined in mtl_jax/config_base.py")
+    problem = f"{flag}: no such config field (misspelt fields are refused). Fix: {fix}"
+  except (flags.Error, OSError, ValueError) as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    cause = e.__cause__
+    if isinstance(cause, OSError) or "Failed loading config file" in str(e):
+      given = next((a for a in argv if a.startswith("--config=")), "--config")
+      problem = (f"{given}: no such config file in {os.getcwd()}. Fix: give the file's path "
+                 "from the current directory (the README's commands run from the repository's "
+                 "root) or an absolute path.")
+    elif "Error whilst parsing config file" in str(e):
+      problem = f"--config: {lines[-1]}"  # The file's own error (e.g. an unknown variant).
+    else:
+      problem = " ".join(lines) + " (--help lists the flags)"
+  print(f"error: {' '.join(problem.split())}", file=sys.stderr, flush=True)
+  sys.exit(2)

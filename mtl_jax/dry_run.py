@@ -38,6 +38,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mtl_jax import catalogue as catalogue_lib
+from mtl_jax import cli
 from mtl_jax import config_base
 from mtl_jax import sharding
 from mtl_jax import state as state_lib
@@ -286,4 +287,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(FLAGS, argv))

@@ -11,7 +11,6 @@ from mtl_jax import preemption  # noqa: E402
 preemption.install()  # Before the heavy imports: a SIGTERM in the first seconds exits cleanly.
 
 import os  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
@@ -32,34 +31,6 @@ flags.DEFINE_integer("process_id", None,
                      "This process's index (or $JAX_PROCESS_ID), if not auto-detected.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-
-
-def parse_flags(argv):
-  """absl's parsing, with a bad flag, config file or config override said in one line with its
-  fix (the flags are the user's input: a traceback would only hide the message)."""
-  try:
-    rest = FLAGS(argv)
-    FLAGS.config.get("seed")  # Loaded lazily: a missing or broken config file raises here.
-    return rest
-  except (AttributeError, KeyError) as e:  # An override of a config field that does not exist.
-    text = str(e).replace("\\'", "'")
-    missing = re.search(r"'([^'\\]+)", text)
-    suggestion = re.search(r'Did you mean "([^"]+)"', text)
-    flag = next((a.split("=")[0] for a in argv if missing and a.startswith("--config.")
-                 and a.split("=")[0].endswith("." + missing.group(1))), "--config override")
-    fix = f"did you mean {flag.rsplit('.', 1)[0]}.{suggestion.group(1)}?" if suggestion else (
-        "use a field defined in mtl_jax/config_base.py")
-    problem = f"{flag}: no such config field (misspelt fields are refused). Fix: {fix}"
-  except (flags.Error, OSError, ValueError) as e:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-    cause = e.__cause__
-    if "Error whilst parsing config file" in str(e) or isinstance(cause, OSError):
-      # The config file failed to load: its own message (last line) is what matters.
-      problem = f"--config: {lines[-1] if not isinstance(cause, OSError) else cause}"
-    else:
-      problem = " ".join(lines)
-  print(f"error: {' '.join(problem.split())}", file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 def main(argv):
@@ -85,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(FLAGS, argv))

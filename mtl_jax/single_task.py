@@ -109,6 +109,10 @@ DEFAULT_EPOCHS = 20.0
 DEFAULT_MIN_STEPS = 50
 
 
+class ComparisonError(ValueError):
+  """A run given to `compare` that cannot be compared; the message names the fix."""
+
+
 # --- Task names as directory names --------------------------------------------------------------
 
 
@@ -299,7 +303,7 @@ def _read_report(path: Path) -> dict:
   report = json.loads(path.read_text(encoding="utf-8"))
   if not (isinstance(report, dict) and isinstance(report.get("tasks"), list)
           and all(isinstance(r, dict) and "task" in r for r in report["tasks"])):
-    raise ValueError(f"{path}: not a run report (want a JSON object with a \"tasks\" list of "
+    raise ComparisonError(f"{path}: not a run report (want a JSON object with a \"tasks\" list of "
                      "rows that each name their \"task\"). Fix: point at a run's workdir.")
   return report
 
@@ -409,9 +413,12 @@ def _run_results(workdir: Path, split: str) -> tuple[dict, dict]:
   """({task: accuracy or None}, {task: step or None}) of one run's `split` report; a task's step
   is its own run's (`<workdir>/tasks/<dir>/reports/`) where there is one, else the report's."""
   report_path = workdir / REPORTS_SUBDIR / f"{split}.json"
+  if not workdir.is_dir():
+    raise ComparisonError(f"{workdir}: no such run directory (from {os.getcwd()}). Fix: give "
+                          "the --workdir of a finished run, from this directory or absolute.")
   if not report_path.exists():
-    raise FileNotFoundError(f"{report_path}: missing. Fix: finish the run first (its {split} "
-                            "report is written at the end of training).")
+    raise ComparisonError(f"{report_path}: missing. Fix: finish the run first (its {split} "
+                          "report is written at the end of training).")
   report = _read_report(report_path)
   accuracies = {r["task"]: r.get("accuracy") for r in report["tasks"]}
   steps = {}
@@ -433,7 +440,7 @@ def _as_runs(workdirs) -> list[Path]:
     workdirs = [workdirs]
   runs = [Path(w) for w in workdirs]
   if not runs:
-    raise ValueError("compare: a side has no run. Fix: give at least one workdir per side.")
+    raise ComparisonError("compare: a side has no run. Fix: give at least one workdir per side.")
   return runs
 
 
@@ -515,7 +522,7 @@ def compare(mtl_workdirs, single_workdirs, out_dir: str | os.PathLike | None = N
                  "single_runs": len(b)})
     per_task_steps[task] = ([s[task] for s in mtl_budgeted], [s[task] for s in single_budgeted])
   if not rows:
-    raise ValueError(
+    raise ComparisonError(
         f"No task has a {split} accuracy in both {','.join(map(str, mtl_runs))} and "
         f"{','.join(map(str, single_runs))} (in every run of each side). Fix: compare runs over "
         "the same catalogue.")
@@ -638,7 +645,10 @@ def _compare_main(argv: Sequence[str]) -> int:
                     flag_values=args)
   cli.parse(args, argv, "python -m mtl_jax.single_task compare")
   split_runs = lambda values: [w for v in values for w in v.split(",") if w.strip()]
-  result = compare(split_runs(args.mtl), split_runs(args.single), args.out, args.split)
+  try:
+    result = compare(split_runs(args.mtl), split_runs(args.single), args.out, args.split)
+  except ComparisonError as e:
+    return cli.report(e)
   print(format_comparison(result), flush=True)
   return 0
 
@@ -704,7 +714,8 @@ def _train_main(argv: Sequence[str]) -> None:
             linear_probe.ProbeArgumentError) as e:
       sys.exit(cli.report(e))
 
-  app.run(main, argv=list(argv))
+  from mtl_jax import cli
+  app.run(main, argv=list(argv), flags_parser=lambda a: cli.parse_flags(flags.FLAGS, a))
 
 
 def main(argv: Sequence[str] | None = None):

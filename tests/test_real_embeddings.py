@@ -2,6 +2,7 @@
 built from a small made-up taxonomy in GS1's shape, and the catalogue written from them."""
 import collections
 import json
+import os
 
 import numpy as np
 import pytest
@@ -130,3 +131,20 @@ def test_small_sites_take_whole_bricks_from_the_largest_segments(monkeypatch):
   with pytest.raises(ValueError, match=r"--small_sites=2: only 1 segments.*Fix: "
                                        r"--small_sites=1"):
     real_embeddings.split_off_small_sites(tasks, splits, 2)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("model.dropot=0.3", "config has no field 'model.dropot'"),
+    ("model.dropout=-1", "config.model.dropout: -1.0 is outside [0, 1). Fix: "),
+])
+def test_a_bad_override_fails_before_the_benchmark_is_built(override, expected, monkeypatch,
+                                                           tmp_path):
+  def never(*args, **kwargs):
+    raise AssertionError("the catalogue was built before the overrides were checked")
+  monkeypatch.setattr(real_embeddings, "make_catalogue", never)
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # Its configs.
+  monkeypatch.setattr(real_embeddings.sys, "argv", [
+      "real_embeddings.py", "--workdir", str(tmp_path), "--set", override])
+  with pytest.raises(SystemExit) as exit_info:
+    real_embeddings.main()
+  assert str(exit_info.value.code).startswith(f"error: {expected}")

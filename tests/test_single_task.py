@@ -78,13 +78,22 @@ def test_compare_per_task_differences_means_and_wins(tmp_path, capsys):
   assert (tmp_path / "out" / "comparison.csv").exists()
 
 
-def test_compare_names_a_missing_report(tmp_path):
+def test_compare_names_a_missing_run_or_report(tmp_path, capsys):
   single = _report(tmp_path / "single", {"a": 0.7})
-  with pytest.raises(FileNotFoundError, match=r"mtl/reports/test.json: missing"):
+  with pytest.raises(single_task.ComparisonError, match=r"mtl: no such run directory .*Fix: "):
+    single_task.compare(tmp_path / "mtl", single)
+  (tmp_path / "mtl").mkdir()
+  with pytest.raises(single_task.ComparisonError, match=r"mtl/reports/test.json: missing"):
     single_task.compare(tmp_path / "mtl", single)
   other = _report(tmp_path / "other", {"z": 0.7})
-  with pytest.raises(ValueError, match="No task has a test accuracy in both"):
+  with pytest.raises(single_task.ComparisonError, match="No task has a test accuracy in both"):
     single_task.compare(other, single)
+  # On the command line: one line with the fix, exit status 1.
+  assert single_task.main(["single_task", "compare", f"--mtl={tmp_path / 'nothing'}",
+                           f"--single={single}"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "no such run directory" in err and "Fix: " in err
+  assert len(err.strip().splitlines()) == 1
 
 
 # --- Hostile task names (issue 12.5) -------------------------------------------------------------

@@ -133,7 +133,7 @@ def _chunks(task_rows: np.ndarray, task_width: np.ndarray, max_cells: int):
   Yields:
     (start row, end row, width).
   """
-  start = rows = 0
+  start = rows = last_width = 0
   for n, width in zip(task_rows.tolist(), task_width.tolist()):
     if rows and (rows + n) * width > max_cells:
       yield start, start + rows, last_width
