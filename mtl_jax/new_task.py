@@ -246,6 +246,8 @@ def _add_task(run, new_workdir, catalogue_dir, steps, with_adapter, *, learning_
   mngr.close()
   print(f"Added {', '.join(new_table.names)} to {run.workdir}: checkpoint step "
         f"{int(state.step)} in {new_workdir / workdir_lib.CHECKPOINTS}", flush=True)
+  html = evaluation.write_html_report(new_workdir, meta.get("dypa_events"), task_config.to_dict())
+  print(f"Report (the new tasks): {html}", flush=True)
   return results
 
 

@@ -151,7 +151,9 @@ def _train(config, workdir, stop_at_step):
       raise checkpointing.CheckpointError(
           f"Checkpoint {start_step} in {mngr.directory} holds data position "
           f"{meta['data_iterator']['next_step']}; it does not belong to this run.")
-    _print(f"Resumed from step {start_step} ({mngr.directory / str(start_step)})")
+    _print(f"Resumed from step {start_step} ({mngr.directory / str(start_step)})"
+           + (": training is complete; evaluating again and rewriting the reports."
+              if start_step >= config.total_steps else ""))
   _print(training_budget(config, catalogue.num_examples("train")))
   tracker, note = early_stopping.Tracker.from_config(config, meta.get(early_stopping.META_KEY))
   if note:

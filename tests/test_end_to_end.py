@@ -53,7 +53,11 @@ def test_resume_continues_from_the_checkpoint_and_matches_an_uninterrupted_run(
                 if p.name.isdigit()) == [3]
   capsys.readouterr()
   train.train_and_evaluate(run_config(catalogue_dir), str(interrupted))
-  assert "Resumed from step 3" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "Resumed from step 3" in out and "training is complete" not in out
+  # Run again once finished: it says so, evaluates again and trains nothing more.
+  train.train_and_evaluate(run_config(catalogue_dir), str(interrupted))
+  assert "training is complete; evaluating again" in capsys.readouterr().out
   a, b = final_params(straight, 6), final_params(interrupted, 6)
   flat_a, flat_b = dict(_leaves(a)), dict(_leaves(b))
   assert flat_a.keys() == flat_b.keys()

@@ -160,6 +160,8 @@ def test_the_grown_run_predicts_the_new_task_by_its_class_names(old_run, grown):
   report = json.loads((grown["workdir"] / "reports" / "test.json").read_text())
   assert [r["task"] for r in report["tasks"]] == ["site0003-mirror"]
   assert report["tasks"][0]["eval_examples"] == len(old_run["new_records"])
+  page = (grown["workdir"] / "reports" / "report.html").read_text()  # As every run writes.
+  assert "site0003-mirror" in page
 
 
 def test_bad_new_catalogues_and_workdirs_are_refused(old_run, tmp_path):
