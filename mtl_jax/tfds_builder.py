@@ -35,6 +35,7 @@ task table, per-split task offsets and skip counts are stored in that folder's m
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,6 +50,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 tfds.disable_progress_bar()  # Progress is printed by the train loop; bars garble logs.
+from absl import logging  # noqa: E402
 from array_record.python import array_record_module  # noqa: E402
 from etils import epath  # noqa: E402
 from tensorflow_datasets.core import splits as splits_lib  # noqa: E402
@@ -122,6 +124,14 @@ class ProductCatalogue(tfds.core.GeneratorBasedBuilder):
     self._writer, self._workers = writer, workers
     kwargs.setdefault("file_format", "array_record")  # Random access; written without TF.
     super().__init__(config=config, **kwargs)
+
+  # TFDS announces a download of "Unknown size" and its reuse; here nothing is downloaded.
+  def _log_download_bytes(self) -> None:
+    print(f"Preparing {self.builder_config.catalogue_dir} (ArrayRecord shards) in "
+          f"{self.data_dir}", flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
 
   def _info(self) -> tfds.core.DatasetInfo:
     table = cat.read_task_table(self.builder_config.catalogue_dir)
@@ -594,6 +604,19 @@ class Catalogue:
     return np.diff(self.task_offsets[split])
 
 
+@contextlib.contextmanager
+def _tfds_warnings_quiet():
+  """TFDS warns that our builder config is "custom" and that a new variant folder has no
+  dataset_info.json yet, on every run: both are expected here. Shown again with --verbosity=0."""
+  verbosity = logging.get_verbosity()
+  if verbosity <= logging.WARNING:
+    logging.set_verbosity(logging.ERROR)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
+
+
 def load_catalogue(catalogue_dir: str | os.PathLike, data_dir: str | os.PathLike,
                    on_bad_record: str = "fail", *, writer: str = "direct",
                    workers: int | None = None) -> Catalogue:
@@ -612,19 +635,20 @@ def load_catalogue(catalogue_dir: str | os.PathLike, data_dir: str | os.PathLike
     CatalogueError: a bad catalogue (see `mtl_jax.catalogue`).
   """
   data_dir = os.fspath(data_dir)
-  builder = ProductCatalogue(catalogue_dir=catalogue_dir, on_bad_record=on_bad_record,
-                             data_dir=data_dir, writer=writer, workers=workers)
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_dir=os.path.join(data_dir, "downloads"),
-        download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False,
-            compute_stats=tfds.download.ComputeStatsMode.SKIP,
-        ),
-    )
-  metadata = builder.info.metadata
+  with _tfds_warnings_quiet():
+    builder = ProductCatalogue(catalogue_dir=catalogue_dir, on_bad_record=on_bad_record,
+                               data_dir=data_dir, writer=writer, workers=workers)
+    if not builder.is_prepared():
+      builder.download_and_prepare(
+          download_dir=os.path.join(data_dir, "downloads"),
+          download_config=tfds.download.DownloadConfig(
+              try_download_gcs=False,
+              compute_stats=tfds.download.ComputeStatsMode.SKIP,
+          ),
+      )
+    metadata = builder.info.metadata
+    sources = builder.as_data_source()
   table = cat.TaskTable.from_json(metadata["task_table"], source=f"{builder.data_path}")
-  sources = builder.as_data_source()
   return Catalogue(
       task_table=table,
       sources={s: CatalogueSource(sources.get(s)) for s in cat.SPLITS},
