@@ -303,8 +303,8 @@ def _read_report(path: Path) -> dict:
   report = json.loads(path.read_text(encoding="utf-8"))
   if not (isinstance(report, dict) and isinstance(report.get("tasks"), list)
           and all(isinstance(r, dict) and "task" in r for r in report["tasks"])):
-    raise ComparisonError(f"{path}: not a run report (want a JSON object with a \"tasks\" list of "
-                     "rows that each name their \"task\"). Fix: point at a run's workdir.")
+    raise ComparisonError(f"{path}: not a run report (want a JSON object with a \"tasks\" list "
+                          "of rows that each name their \"task\"). Fix: point at a run's workdir.")
   return report
 
 
@@ -657,6 +657,8 @@ def _train_main(argv: Sequence[str]) -> None:
   from absl import app, flags, logging
   from ml_collections import config_flags
 
+  from mtl_jax import cli
+
   config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Where the baselines' catalogues, runs and reports go.")
@@ -684,7 +686,6 @@ def _train_main(argv: Sequence[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    from mtl_jax import cli
     from mtl_jax import linear_probe
     try:
       if f.kind == "linear_probe":
@@ -714,7 +715,6 @@ def _train_main(argv: Sequence[str]) -> None:
             linear_probe.ProbeArgumentError) as e:
       sys.exit(cli.report(e))
 
-  from mtl_jax import cli
   app.run(main, argv=list(argv), flags_parser=lambda a: cli.parse_flags(flags.FLAGS, a))
 
 
