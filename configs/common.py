@@ -4,6 +4,8 @@ A config's `get_config(variant)` starts from `config_base.base_config()`, sets i
 and applies its variant through `apply_variant`, which also turns an unknown variant into an
 error that lists the known ones.
 """
+import difflib
+
 from mtl_jax import config_base
 
 base_config = config_base.base_config
@@ -39,15 +41,20 @@ def set_fields(config, overrides: dict):
   """Sets dotted fields (`{"model.hidden_size": 64}`) on a config, in place; returns it.
 
   Raises:
-    KeyError: a field the config does not define (a misspelt override).
+    KeyError: a field the config does not define (a misspelt override), with the closest one.
   """
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    if leaf not in node:
-      raise KeyError(f"config has no field {key!r}; see mtl_jax/config_base.py.")
+    names = parents + [leaf]
+    for depth, name in enumerate(names):
+      if not hasattr(node, "keys") or name not in node:
+        close = difflib.get_close_matches(name, list(getattr(node, "keys", list)()), n=1)
+        fix = (f"did you mean {'.'.join(names[:depth] + close + names[depth + 1:])!r}?"
+               if close else "use a field defined in mtl_jax/config_base.py.")
+        raise KeyError(f"config has no field {key!r}. Fix: {fix}")
+      if depth < len(parents):
+        node = node[name]
     node[leaf] = value
   return config
 

@@ -146,8 +146,8 @@ def add_task(workdir: str | os.PathLike, new_workdir: str | os.PathLike,
           f"--batch_size={batch_size} is not a positive multiple of the {data_devices} "
           "data-parallel devices. Fix: use a multiple of it.")
     # Everything is checked before the new workdir is created.
-    new_workdir = workdir_lib.prepare(new_workdir)
-    with workdir_lib.writer_lock(new_workdir):
+    with (workdir_lib.prepared(new_workdir) as new_workdir,
+          workdir_lib.writer_lock(new_workdir)):
       return _add_task(run, new_workdir, catalogue_dir, steps, with_adapter,
                        learning_rate=learning_rate, batch_size=batch_size, log_every=log_every)
   finally:

@@ -101,9 +101,8 @@ def train_and_evaluate(config, workdir: str, stop_at_step: int | None = None) ->
   """
   preemption.install()
   config_base.validate_config(config, jax.device_count(), jax.process_count())
-  workdir = workdir_lib.prepare(workdir)
   try:
-    with workdir_lib.writer_lock(workdir):
+    with workdir_lib.prepared(workdir) as workdir, workdir_lib.writer_lock(workdir):
       return _train(config, workdir, stop_at_step)
   finally:
     preemption.clear()

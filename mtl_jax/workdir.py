@@ -14,7 +14,8 @@
 
 Contract:
 - Paths are made absolute here (Orbax refuses relative ones); a workdir that is a file, or
-  cannot be written, is refused at the start with the path and the fix.
+  cannot be written, is refused at the start with the path and the fix; one that a failed run
+  created and left empty is removed.
 - One writer at a time: `writer_lock` creates `LOCK` atomically and refuses a second writer,
   naming the process that holds it; a lock left by a process that is gone (same host, pid not
   running) is taken over with a warning. In a multi-host job only process 0 takes it.
@@ -81,12 +82,18 @@ def resolve(workdir: str | os.PathLike) -> epath.Path:
   return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
-def prepare(workdir: str | os.PathLike) -> epath.Path:
-  """Resolves the workdir of a run that will write, creating it; checks it can be written."""
+@contextlib.contextmanager
+def prepared(workdir: str | os.PathLike):
+  """The workdir of a run that will write, resolved and created; checks it can be written.
+
+  A directory this run created is removed again if the run fails while it is still empty (a
+  misspelt catalogue path leaves no empty run directory behind); anything written stays.
+  """
   path = resolve(workdir)
   if path.exists() and not path.is_dir():
     raise RunDirError(f"--workdir={path} is a file, not a directory. Fix: give a directory "
                       "path (it is created if missing).")
+  created = not path.exists()
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe = path / f".write-test-{os.getpid()}"
@@ -95,7 +102,13 @@ def prepare(workdir: str | os.PathLike) -> epath.Path:
   except OSError as e:
     raise RunDirError(f"--workdir={path} cannot be written ({e.strerror or e}). Fix: choose a "
                       "directory you can write, or fix its permissions.") from None
-  return path
+  try:
+    yield path
+  except BaseException:
+    if created and jax.process_index() == 0:
+      with contextlib.suppress(OSError):
+        path.rmdir()  # Fails, and keeps the directory, if anything was written into it.
+    raise
 
 
 # --- One writer ---------------------------------------------------------------------------------

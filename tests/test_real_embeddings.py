@@ -134,7 +134,7 @@ def test_small_sites_take_whole_bricks_from_the_largest_segments(monkeypatch):
 
 
 @pytest.mark.parametrize("override,expected", [
-    ("model.dropot=0.3", "config has no field 'model.dropot'"),
+    ("model.dropot=0.3", "config has no field 'model.dropot'. Fix: did you mean 'model.dropout'?"),
     ("model.dropout=-1", "config.model.dropout: -1.0 is outside [0, 1). Fix: "),
 ])
 def test_a_bad_override_fails_before_the_benchmark_is_built(override, expected, monkeypatch,

@@ -925,6 +925,19 @@ def test_a_workdir_that_is_a_file_is_refused_at_the_start(catalogue_dir, tmp_pat
   assert compiles.events == []
 
 
+def test_a_run_that_fails_before_writing_removes_only_the_workdir_it_created(tmp_path):
+  config = run_config(tmp_path / "no_catalogue")
+  for workdir in (tmp_path / "new" / "run", tmp_path / "made_by_the_user"):
+    if workdir.name == "made_by_the_user":
+      workdir.mkdir()
+    with pytest.raises(cat.CatalogueError, match=r"no_catalogue/tasks.json: missing\. Fix: "):
+      train.train_and_evaluate(config, str(workdir))
+  assert not (tmp_path / "new" / "run").exists()  # Created by the run, left empty: removed.
+  assert (tmp_path / "new").is_dir()  # Its parents stay, as `mkdir -p` would leave them.
+  assert (tmp_path / "made_by_the_user").is_dir() and not any(
+      (tmp_path / "made_by_the_user").iterdir())
+
+
 @pytest.mark.slow
 def test_skipped_records_and_an_empty_validation_split_are_said_on_the_console(
     catalogue_dir, tmp_path, capsys):
