@@ -42,8 +42,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO_ROOT, "experiments", "results")
 
 # The line `train_and_evaluate` prints after each validation evaluation (evaluation.format_table).
-_VALIDATION_LINE = re.compile(r"^validation: \d+ tasks, mean accuracy ([0-9.]+|-)")
-_STEP_LINE = re.compile(r"^step (\d+)/\d+: loss")
+_VALIDATION_LINE = re.compile(r"^validation at step (\d+): \d+ tasks, mean accuracy ([0-9.]+|-)")
 
 
 def run_metadata(argv=None) -> dict:
@@ -175,15 +174,8 @@ def train_run(config, workdir: str) -> dict:
 
 def validation_curve(log_text: str) -> list[tuple[int, float]]:
   """(step, mean per-task validation accuracy) of every evaluation printed during a run."""
-  curve, step = [], 0
-  for line in log_text.splitlines():
-    match = _STEP_LINE.match(line)
-    if match:
-      step = int(match.group(1))
-    match = _VALIDATION_LINE.match(line)
-    if match and match.group(1) != "-":
-      curve.append((step, float(match.group(1))))
-  return curve
+  matches = map(_VALIDATION_LINE.match, log_text.splitlines())
+  return [(int(m.group(1)), float(m.group(2))) for m in matches if m and m.group(2) != "-"]
 
 
 def report_rows(workdir: str) -> list[dict]:

@@ -1,10 +1,14 @@
-"""DyPa on the synthetic catalogue: MTL with and without dynamic parameter allocation.
+"""DyPa on a catalogue: MTL with and without dynamic parameter allocation, and its controls.
 
   python experiments/dypa.py [--seeds 0,1,2] [--steps 800] [--fraction 0.25] [--expand_tasks 0]
+  python experiments/dypa.py --dataset gs1 --expand_tasks 0   # real product texts
   python experiments/dypa.py --smoke   # a check that the script runs (~minutes on a CPU)
 
-For each seed (`config.seed`; the catalogue stays fixed) four runs of `configs/demo.py` with the
-same steps, data order and initialisation:
+`--dataset synthetic` (the default) trains `configs/demo.py` on a synthetic catalogue (below),
+800 steps; `--dataset gs1` trains `configs/embeddings.py` on the real-embeddings benchmark of
+`experiments/real_embeddings.py` (19 GS1 segments, MiniLM embeddings of real product texts),
+1500 steps. For each seed (`config.seed`; the catalogue stays fixed) four runs with the same
+steps, data order and initialisation:
 
 - `mtl`: plain MTL;
 - `mtl+dypa`: one DyPa allocation at half of training (`dypa.at_steps`, selector
@@ -17,14 +21,16 @@ same steps, data order and initialisation:
   adapter weights match `mtl+dypa`'s (only the up-projection biases, one per task and hidden
   unit, differ; the table gives the exact counts).
 
-Up to the allocation all runs are the same computation, so the comparison is paired (the script
+Every run's reports read its last step (`eval_on_best=False`): a best checkpoint from before
+the allocation would be the same in every variant. Up to the allocation all runs are the same
+computation, so the comparison is paired (the script
 checks that the validation accuracy before the allocation is the same in all four). The tasks
 the `lowest_accuracy` run selected are read from its checkpoint meta (`dypa_events`, through
 `workdir.open_run`); every run is scored on those tasks, on the others and on all, from its test
 report, and paired against `mtl`. The task-specific and adapter parameters of each final
 checkpoint come from `dypa.allocation_summary`.
 
-The catalogue (16 tasks, generator seed 1) has several "fine" sites whose classes are sibling
+The synthetic catalogue (16 tasks, generator seed 1) has several "fine" sites whose classes are sibling
 leaves, the hard tasks DyPa should find. Then the script times one host-side `dypa.expand` at
 1000 tasks with hidden 768 (`--expand_tasks 0` skips it): a cold call (trace and compile of the
 growth function for these shapes) and warm calls on the same input, with the XLA compile time
@@ -34,7 +40,8 @@ inside each call read from `jax.monitoring`.
 timing at 16 tasks) and writes to `<workdir>/smoke.json` instead of the result file: it checks
 that the script runs, its numbers mean nothing.
 
-Prints a table and writes experiments/results/dypa.json (command, date, hardware, every run).
+Prints a table and writes experiments/results/dypa.json (dypa_gs1.json for `--dataset gs1`):
+command, date, hardware, every run.
 """
 import argparse
 import os
@@ -48,8 +55,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import demo  # noqa: E402
-from experiments import common  # noqa: E402
+from configs import demo, embeddings  # noqa: E402
+from experiments import common, real_embeddings  # noqa: E402
 from mtl_jax import dypa  # noqa: E402
 
 # Synthetic catalogue: 16 sites, six of them "fine" (sibling-leaf classes), 300-2000 products.
@@ -57,6 +64,8 @@ CATALOGUE = {"num_tasks": 16, "seed": 1, "min_products": 300, "max_products": 20
 SMOKE_CATALOGUE = {"num_tasks": 4, "seed": 1, "min_products": 60, "max_products": 120}
 SMOKE_MODEL = {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2,
                "model.mlp_size": 64, "data.max_text_len": 24, "eval_batch_size": 64}
+# Each dataset's config and default steps.
+DATASETS = {"synthetic": (demo, 800), "gs1": (embeddings, 1500)}
 # The variants, in table order; `gain (paired)` is `mtl+dypa` - `mtl`, as before the controls.
 VARIANTS = ("mtl", "mtl+dypa", "mtl+dypa(random)", "mtl+widen")
 # Paired differences per seed (a - b), in table order, with their row labels.
@@ -73,9 +82,10 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
 
 
 def base_config(args):
-  config = demo.get_config()
+  config = DATASETS[args.dataset][0].get_config()
   common.set_fields(config, {
       "total_steps": args.steps, "eval_every": args.dypa_at, "checkpoint_every": args.steps,
+      "eval_on_best": False,
       "log_every": 100, "dypa.fraction": args.fraction, "dypa.select": "lowest_accuracy",
       "model.adapter_size": args.adapter_size, "model.adapter_layers": args.adapter_layers})
   if args.smoke:
@@ -212,7 +222,8 @@ def time_expand(num_tasks, hidden, max_classes, fraction, repeats):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", default="0,1,2", help="config.seed values, comma-separated")
-  parser.add_argument("--steps", type=int, default=800)
+  parser.add_argument("--dataset", choices=sorted(DATASETS), default="synthetic")
+  parser.add_argument("--steps", type=int, default=0, help="0: 800 (synthetic), 1500 (gs1)")
   parser.add_argument("--dypa_at", type=int, default=0, help="allocation step (0: steps // 2)")
   parser.add_argument("--fraction", type=float, default=0.25)
   parser.add_argument("--adapter_size", type=int, default=32)
@@ -222,21 +233,22 @@ def main():
   parser.add_argument("--expand_max_classes", type=int, default=128)
   parser.add_argument("--expand_repeats", type=int, default=4)
   parser.add_argument("--workdir", default=None,
-                      help="default: runs/experiments/dypa (runs/experiments/dypa-smoke)")
+                      help="default: runs/experiments/dypa[_gs1] (runs/experiments/dypa-smoke)")
   parser.add_argument("--out", default=None,
-                      help="default: experiments/results/dypa.json (<workdir>/smoke.json)")
+                      help="default: experiments/results/dypa[_gs1].json (<workdir>/smoke.json)")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny catalogue, model and timing, one seed, a few steps: checks that "
                       "the script runs; writes <workdir>/smoke.json")
   args = parser.parse_args()
+  args.steps = args.steps or DATASETS[args.dataset][1]
+  name = "dypa" if args.dataset == "synthetic" else f"dypa_{args.dataset}"
   if args.smoke:
     args.seeds, args.steps = "0", 6
     args.expand_tasks = min(args.expand_tasks, 16) if args.expand_tasks else 0
     args.expand_hidden, args.expand_max_classes, args.expand_repeats = 32, 8, 2
-  args.workdir = args.workdir or ("runs/experiments/dypa-smoke" if args.smoke
-                                  else "runs/experiments/dypa")
+  args.workdir = args.workdir or f"runs/experiments/{name}{'-smoke' if args.smoke else ''}"
   args.out = args.out or (os.path.join(args.workdir, "smoke.json") if args.smoke
-                          else common.default_out("dypa"))
+                          else common.default_out(name))
   args.dypa_at = args.dypa_at or args.steps // 2
   seeds = [int(s) for s in args.seeds.split(",")]
   meta = common.run_metadata()
@@ -245,8 +257,12 @@ def main():
 
   root = os.path.abspath(args.workdir)
   config = base_config(args)
-  catalogue_fields = SMOKE_CATALOGUE if args.smoke else CATALOGUE
-  config.data.catalogue_dir = common.make_catalogue(root, catalogue_fields, config)
+  if args.dataset == "gs1":
+    catalogue_fields = real_embeddings.make_catalogue(os.path.join(root, "catalogue"))
+  else:
+    catalogue_fields = SMOKE_CATALOGUE if args.smoke else CATALOGUE
+    common.make_catalogue(root, catalogue_fields, config)
+  config.data.catalogue_dir = os.path.join(root, "catalogue")
   common.prepare_shared(config, root)
   print(f"DyPa experiment: {len(seeds)} seeds x ({', '.join(VARIANTS)}; allocation at step "
         f"{args.dypa_at}) x {args.steps} steps; fraction {args.fraction} of adapters of width "
@@ -315,7 +331,7 @@ def main():
   common.write_json(args.out, {
       **meta, "git": git, "experiment": "dypa", "args": vars(args),
       "catalogue": catalogue_fields,
-      "base_config": "configs/demo.py", "seeds": seeds, "summary": summary, "table": table,
+      "base_config": f"configs/{DATASETS[args.dataset][0].__name__.split('.')[-1]}.py", "seeds": seeds, "summary": summary, "table": table,
       "per_seed": [{**s, "runs": {v: {k: r[k] for k in r if k != "rows"} | {"test_rows": r["rows"]}
                                   for v, r in s["runs"].items()}} for s in per_seed],
       "expand_timing": expand_timing, "training_seconds": training_seconds,

@@ -58,7 +58,8 @@ def evaluate_split(model, state, catalogue, split: str, tokenizer, config,
 def _log_result(writer, step, split, result):
   writer.write_scalars(step, {f"{split}/{k}": v for k, v in result.summary.items()
                               if isinstance(v, (int, float))})
-  _print(evaluation.format_table(split, result.rows, result.summary))
+  # The step is on the line: an evaluation need not fall on a logged step.
+  _print(evaluation.format_table(f"{split} at step {step}", result.rows, result.summary))
 
 
 def training_budget(config, train_sizes) -> str:

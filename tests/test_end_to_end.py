@@ -2,6 +2,7 @@
 checkpoint -> resume -> evaluate -> report."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
+from experiments import common as experiments_common
 from mtl_jax import train
 from tests.helpers import tiny_config
 
@@ -28,8 +30,14 @@ def final_params(workdir, step):
   return restored.state["params"]
 
 
-def test_trains_evaluates_every_task_and_writes_the_report(catalogue_dir, tmp_path):
-  summary = train.train_and_evaluate(run_config(catalogue_dir), str(tmp_path))
+def test_trains_evaluates_every_task_and_writes_the_report(catalogue_dir, tmp_path, capsys):
+  summary = train.train_and_evaluate(
+      run_config(catalogue_dir, eval_every=3, log_every=2, eval_on_best=False), str(tmp_path))
+  out = capsys.readouterr().out
+  # Each evaluation names its step (3 is not a logged step); the experiments parse the lines.
+  assert re.search(r"^validation at step 3: 6 tasks, mean accuracy ", out, re.M)
+  assert re.search(r"^test at step 6: 6 tasks, mean accuracy ", out, re.M)
+  assert [step for step, _ in experiments_common.validation_curve(out)] == [3, 6]
   report = json.loads((tmp_path / "reports" / "test.json").read_text())
   assert report["summary"] == summary
   assert summary["tasks_evaluated"] == summary["tasks_total"] == 6

@@ -389,8 +389,8 @@ def _fmt(value) -> str:
 def format_table(split: str, rows: list[dict], summary: dict, max_rows: int = 12) -> str:
   """The summary plus the tasks, largest first, cut to `max_rows` (the files hold them all).
 
-  The first line's start ("{split}: N tasks, mean accuracy X") is parsed by
-  experiments/common.py: keep it.
+  The first line's start ("{split}: N tasks, mean accuracy X"; training passes the split as
+  "validation at step S") is parsed by experiments/common.py: keep it.
   """
   s = summary.get
   lines = [f"{split}: {s('tasks_evaluated', 0)} tasks, mean accuracy "
