@@ -23,18 +23,18 @@ steps, data order and initialisation:
 
 Every run's reports read its last step (`eval_on_best=False`): a best checkpoint from before
 the allocation would be the same in every variant. Up to the allocation all runs are the same
-computation, so the comparison is paired (the script
-checks that the validation accuracy before the allocation is the same in all four). The tasks
+computation, so the comparison is paired (the script checks that the validation accuracy
+before the allocation is the same in all four). The tasks
 the `lowest_accuracy` run selected are read from its checkpoint meta (`dypa_events`, through
 `workdir.open_run`); every run is scored on those tasks, on the others and on all, from its test
 report, and paired against `mtl`. The task-specific and adapter parameters of each final
 checkpoint come from `dypa.allocation_summary`.
 
-The synthetic catalogue (16 tasks, generator seed 1) has several "fine" sites whose classes are sibling
-leaves, the hard tasks DyPa should find. Then the script times one host-side `dypa.expand` at
-1000 tasks with hidden 768 (`--expand_tasks 0` skips it): a cold call (trace and compile of the
-growth function for these shapes) and warm calls on the same input, with the XLA compile time
-inside each call read from `jax.monitoring`.
+The synthetic catalogue (16 tasks, generator seed 1) has several "fine" sites whose classes are
+sibling leaves, the hard tasks DyPa should find. Then the script times one host-side
+`dypa.expand` at 1000 tasks with hidden 768 (`--expand_tasks 0` skips it): a cold call (trace
+and compile of the growth function for these shapes) and warm calls on the same input, with the
+XLA compile time inside each call read from `jax.monitoring`.
 
 `--smoke` shrinks everything (4-task catalogue, a 1-layer 32-wide model, 6 steps, one seed, the
 timing at 16 tasks) and writes to `<workdir>/smoke.json` instead of the result file: it checks
@@ -331,7 +331,8 @@ def main():
   common.write_json(args.out, {
       **meta, "git": git, "experiment": "dypa", "args": vars(args),
       "catalogue": catalogue_fields,
-      "base_config": f"configs/{DATASETS[args.dataset][0].__name__.split('.')[-1]}.py", "seeds": seeds, "summary": summary, "table": table,
+      "base_config": f"configs/{DATASETS[args.dataset][0].__name__.rsplit('.', 1)[-1]}.py",
+      "seeds": seeds, "summary": summary, "table": table,
       "per_seed": [{**s, "runs": {v: {k: r[k] for k in r if k != "rows"} | {"test_rows": r["rows"]}
                                   for v, r in s["runs"].items()}} for s in per_seed],
       "expand_timing": expand_timing, "training_seconds": training_seconds,

@@ -105,9 +105,9 @@ def prepared(workdir: str | os.PathLike):
   try:
     yield path
   except BaseException:
-    if created and jax.process_index() == 0:
+    if created and jax.process_index() == 0 and "://" not in os.fspath(path):
       with contextlib.suppress(OSError):
-        path.rmdir()  # Fails, and keeps the directory, if anything was written into it.
+        os.rmdir(path)  # Fails, and keeps the directory, if anything was written into it.
     raise
 
 

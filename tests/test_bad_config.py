@@ -211,6 +211,7 @@ def test_class_counts_above_the_head_size(tmp_path):
   assert str(error.value) == message
   assert compiles.events == []
   assert not (tmp_path / "run" / "checkpoints").exists()
+  assert (tmp_path / "run" / "prepared").is_dir()  # What the run wrote stays, with its workdir.
 
 
 def test_misspelt_override_names_the_field_and_suggests_the_right_one(monkeypatch):

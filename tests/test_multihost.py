@@ -188,7 +188,7 @@ def test_two_process_run_writes_once_and_checkpoints_together(tmp_path):
   assert prepared not in results[1][1] + results[1][2]
   # Only process 0 prints progress and tables, and writes the one event file.
   assert "step 6/6" in results[0][1] and "test at step 6: 6 tasks" in results[0][1]
-  assert "step " not in results[1][1] and "test:" not in results[1][1]
+  assert "step " not in results[1][1] and "test at step" not in results[1][1]
   assert "Report:" in results[0][1] and "Report:" not in results[1][1]
   assert (workdir / "reports" / "report.html").exists()
   events = [p.name for p in workdir.iterdir() if p.name.startswith("events.out.tfevents")]
