@@ -48,8 +48,9 @@ def set_fields(config, overrides: dict):
     *parents, leaf = key.split(".")
     names = parents + [leaf]
     for depth, name in enumerate(names):
-      if not hasattr(node, "keys") or name not in node:
-        close = difflib.get_close_matches(name, list(getattr(node, "keys", list)()), n=1)
+      fields = list(node.keys()) if hasattr(node, "keys") else []  # A leaf has no fields.
+      if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=1)
         fix = (f"did you mean {'.'.join(names[:depth] + close + names[depth + 1:])!r}?"
                if close else "use a field defined in mtl_jax/config_base.py.")
         raise KeyError(f"config has no field {key!r}. Fix: {fix}")
