@@ -45,6 +45,18 @@ RESULTS_DIR = os.path.join(REPO_ROOT, "experiments", "results")
 _VALIDATION_LINE = re.compile(r"^validation at step (\d+): \d+ tasks, mean accuracy ([0-9.]+|-)")
 
 
+def cpu_model() -> str:
+  """The CPU's model name as Linux reports it (/proc/cpuinfo), else what `platform` gives."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def run_metadata(argv=None) -> dict:
   """The exact command, the date and the hardware, for a result file."""
   argv = sys.argv if argv is None else argv
@@ -58,7 +70,7 @@ def run_metadata(argv=None) -> dict:
           "device_count": jax.device_count(),
           "cpu_count": os.cpu_count(),
           "machine": platform.machine(),
-          "processor": platform.processor() or platform.machine(),
+          "processor": cpu_model(),
           "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
       },
       "versions": {"python": platform.python_version(), "jax": jax.__version__},

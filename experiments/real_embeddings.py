@@ -197,6 +197,16 @@ def _has_reports(workdir: str, split: str) -> bool:
   return os.path.exists(os.path.join(workdir, "reports", f"{split}.json"))
 
 
+def mean_row(means: dict, rows: list) -> list:
+  """The table's last row, the means over tasks: "-" where the single-task side was not run."""
+  has_single = "single" in means
+  return ["mean", "", f"{means['mtl']:.3f} ± {means['mtl_sd']:.3f}",
+          f"{means['single']:.3f}" if has_single else "-",
+          f"{means['mtl'] - means['single']:+.3f}" if has_single else "-",
+          f"{means['probe']:.3f}", f"{means['mtl'] - means['probe']:+.3f}",
+          f"{sum(r['met'] for r in rows)}/{len(rows)} met"]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", default="configs/embeddings.py")
@@ -298,11 +308,7 @@ def main():
            "probe": summary["mean_single_accuracy"]}
   if "single" in versus:
     means["single"] = versus["single"]["summary"]["mean_single_accuracy"]
-  table.append(["mean", "", f"{means['mtl']:.3f} ± {means['mtl_sd']:.3f}",
-                f"{means.get('single', float('nan')):.3f}",
-                f"{means['mtl'] - means.get('single', float('nan')):+.3f}", f"{means['probe']:.3f}",
-                f"{means['mtl'] - means['probe']:+.3f}",
-                f"{sum(r['met'] for r in rows)}/{len(rows)} met"])
+  table.append(mean_row(means, rows))
   print(f"\n{args.split} accuracy, {len(seeds)} seeds of {args.config} ({tag}):")
   print(common.format_table(["task", "train", "MTL", "single", "MTL-single", "probe",
                              "MTL-probe", "target"],

@@ -29,7 +29,6 @@ def _synthetic_images() -> np.ndarray:
 
 def _torch_reference(state_dict):
   """EfficientNet-Lite0 in plain torch, as the checkpoint's own (lukemelas-style) code builds it."""
-  import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 

@@ -148,3 +148,21 @@ def test_a_bad_override_fails_before_the_benchmark_is_built(override, expected, 
   with pytest.raises(SystemExit) as exit_info:
     real_embeddings.main()
   assert str(exit_info.value.code).startswith(f"error: {expected}")
+
+
+def test_the_mean_row_shows_a_dash_for_a_side_that_was_not_run():
+  rows = [{"met": True}, {"met": False}]
+  means = {"mtl": 0.86, "mtl_sd": 0.02, "probe": 0.9}
+  assert real_embeddings.mean_row(means, rows) == [
+      "mean", "", "0.860 ± 0.020", "-", "-", "0.900", "-0.040", "1/2 met"]
+  assert real_embeddings.mean_row({**means, "single": 0.85}, rows)[3:5] == ["0.850", "+0.010"]
+
+
+def test_result_files_name_the_cpu_model():
+  processor = common.run_metadata(["x"])["hardware"]["processor"]
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    if names:
+      assert processor == names[0]
+  assert processor
