@@ -285,18 +285,27 @@ def open_embeddings(catalogue_dir: str | os.PathLike, table: TaskTable) -> np.nd
   path = Path(catalogue_dir) / EMBEDDINGS_FILE
   if not path.exists():
     return np.zeros((0, table.image_dim), np.float32)
-  try:
-    emb = np.load(path, mmap_mode="r", allow_pickle=False)
-  except ValueError as e:  # Object arrays (pickles) and malformed headers.
-    raise CatalogueError(f"{path}: not a plain .npy array ({e}). Fix: save a float16/float32 "
-                         "array with np.save(path, array), without pickles.") from None
+  emb = read_embeddings_array(path, str(path))
   if emb.ndim != 2 or emb.shape[1] != table.image_dim:
     raise CatalogueError(f"{path}, field 'shape': {emb.shape} is not [N, {table.image_dim}] "
                          f"(image_dim in {TASKS_FILE}). Fix: save one {table.image_dim}-wide "
                          f"row per image, or set image_dim in {TASKS_FILE} to the embeddings' "
                          "width.")
+  return emb
+
+
+def read_embeddings_array(path: str | os.PathLike, name: str) -> np.ndarray:
+  """Memory-maps a float16/float32 .npy array, never unpickled; errors begin with `name`."""
+  fix = "Fix: save a float16/float32 array with np.save(path, array), without pickles."
+  try:
+    with open(path, "rb") as f:
+      if f.read(6) != b"\x93NUMPY":
+        raise CatalogueError(f"{name}: not a .npy file. {fix}")
+    emb = np.load(path, mmap_mode="r", allow_pickle=False)
+  except (OSError, ValueError) as e:  # Object arrays (pickles), malformed headers.
+    raise CatalogueError(f"{name}: not a plain .npy array ({e}). {fix}") from None
   if emb.dtype not in (np.float16, np.float32):
-    raise CatalogueError(f"{path}, field 'dtype': {emb.dtype} is not float16 or float32. Fix: "
+    raise CatalogueError(f"{name}, field 'dtype': {emb.dtype} is not float16 or float32. Fix: "
                          "save the array as float16 or float32.")
   return emb
 

@@ -72,10 +72,14 @@ def parse_flags(flag_values: flags.FlagValues, argv) -> list[str]:
     text = str(e).replace("\\'", "'")
     missing = re.search(r"'([^'\\]+)", text)
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
-    flag = next((a.split("=")[0] for a in argv if missing and a.startswith("--config.")
-                 and a.split("=")[0].endswith("." + missing.group(1))), "--config override")
-    fix = f"did you mean {flag.rsplit('.', 1)[0]}.{suggestion.group(1)}?" if suggestion else (
-        "use a field defined in mtl_jax/config_base.py")
+    # The override naming the missing field, at its end or as a group on the way to it.
+    parts = next((a.split("=")[0].split(".") for a in argv if missing and a.startswith("--config.")
+                  and missing.group(1) in a.split("=")[0].split(".")[1:]), None)
+    flag = ".".join(parts) if parts else "--config override"
+    fix = "use a field defined in mtl_jax/config_base.py"
+    if suggestion and parts:
+      at = len(parts) - 1 - parts[::-1].index(missing.group(1))
+      fix = f"did you mean {'.'.join(parts[:at] + [suggestion.group(1)] + parts[at + 1:])}?"
     problem = f"{flag}: no such config field (misspelt fields are refused). Fix: {fix}"
   except (flags.Error, OSError, ValueError) as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]

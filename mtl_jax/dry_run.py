@@ -27,6 +27,7 @@ adapter" slot only).
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import types
@@ -104,7 +105,7 @@ def per_device_shape(name: str, sharding_, shape) -> tuple:
       axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
       ways = math.prod(mesh_sizes[a] for a in axes)
       if size % ways:
-        raise ValueError(
+        raise config_base.ConfigError(  # A ValueError, said in one line by `main`.
             f"config.sharding_rules: {name} of shape {tuple(shape)} is split {ways} ways along "
             f"dimension {dim} (mesh axes {axes}), which does not divide {size}. Fix: make that "
             f"size a multiple of {ways} (e.g. --config.data.vocab_size for the word table), or "
@@ -256,33 +257,77 @@ def format_table(summary: dict) -> str:
 
 
 config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
+MAX_DEVICES = 16384  # More than the largest accelerator slices; each is a fake CPU device here.
 flags.DEFINE_integer("num_devices", 0, "Devices of the mesh; more than this machine has are "
-                     "simulated with CPU devices (0: this machine's devices).")
-flags.DEFINE_integer("adapter_slots", 1, "Rows of the adapter array (1: none allocated yet).")
+                     "simulated with CPU devices (0: this machine's devices; at most "
+                     f"{MAX_DEVICES}, which covers the largest accelerator slices).")
+flags.DEFINE_integer("adapter_slots", 1, "Rows of the adapter array (1: none allocated yet; "
+                     "slot 0 is the 'no adapter' identity, so at least 1).")
 flags.DEFINE_bool("compile", False, "Also compile the train step and print its memory analysis.")
 flags.DEFINE_string("json", "", "Also write the summary to this JSON file.")
-flags.DEFINE_float("device_memory_gib", 16.0, "Memory of one device, for the fit check.")
+flags.DEFINE_float("device_memory_gib", 16.0, "Memory of one device in GiB (> 0), for the fit "
+                   "check.")
 FLAGS = flags.FLAGS
+
+
+class FlagError(ValueError):
+  """A bad flag value; the message names the flag and the fix."""
+
+
+def check_flags(num_devices: int, adapter_slots: int, device_memory_gib: float,
+                json_path: str) -> None:
+  """Refuses bad flag values before any backend starts or any work is done."""
+  def bad(flag, value, problem, fix):
+    raise FlagError(f"--{flag}={value}: {problem}. Fix: {fix}.")
+  if num_devices < 0:
+    bad("num_devices", num_devices, "a device count cannot be negative",
+        f"give 0 for this machine's devices, or a count from 1 to {MAX_DEVICES}")
+  if num_devices > MAX_DEVICES:
+    bad("num_devices", num_devices, f"more than {MAX_DEVICES} devices (each would be a fake CPU "
+        "device, which takes minutes to create)", f"give a count from 1 to {MAX_DEVICES}")
+  if adapter_slots < 1:
+    bad("adapter_slots", adapter_slots, "the adapter array needs at least one row, slot 0 "
+        "(the 'no adapter' identity)", "give 1 (no adapter allocated yet) or more")
+  if not device_memory_gib > 0:  # Also refuses NaN.
+    bad("device_memory_gib", device_memory_gib, "a device's memory must be positive",
+        "give the memory of one device in GiB, e.g. 16 or 80")
+  parent = os.path.dirname(os.path.abspath(json_path))
+  if json_path and os.path.isdir(json_path):
+    bad("json", json_path, "is a directory",
+        f"give a file path, e.g. {os.path.join(json_path, 'dry_run.json')}")
+  if json_path and not os.path.isdir(parent):
+    bad("json", json_path, f"its directory {parent} does not exist",
+        "create it first, or give a path in an existing directory")
 
 
 def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  if FLAGS.num_devices:
-    # Before any backend starts: CPU devices stand in for the accelerators being planned for.
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)
-  devices = jax.devices()
-  if FLAGS.num_devices and len(devices) != FLAGS.num_devices:
-    sys.exit(f"--num_devices={FLAGS.num_devices}: JAX started with {len(devices)} devices; "
-             "unset XLA_FLAGS' --xla_force_host_platform_device_count.")
-  summary = summarize(FLAGS.config, devices, FLAGS.adapter_slots, FLAGS.compile,
-                      FLAGS.device_memory_gib)
-  print(format_table(summary))
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(summary, f, indent=1)
+  try:
+    check_flags(FLAGS.num_devices, FLAGS.adapter_slots, FLAGS.device_memory_gib, FLAGS.json)
+    if FLAGS.num_devices:
+      # Before any backend starts: CPU devices stand in for the accelerators being planned for.
+      jax.config.update("jax_platforms", "cpu")
+      jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)
+    devices = jax.devices()
+    if FLAGS.num_devices and len(devices) != FLAGS.num_devices:
+      raise FlagError(
+          f"--num_devices={FLAGS.num_devices}: JAX started with {len(devices)} devices, as "
+          "XLA_FLAGS' --xla_force_host_platform_device_count says. Fix: unset that XLA flag "
+          "(or set it to the same count).")
+    summary = summarize(FLAGS.config, devices, FLAGS.adapter_slots, FLAGS.compile,
+                        FLAGS.device_memory_gib)
+    print(format_table(summary))
+    if FLAGS.json:
+      try:
+        with open(FLAGS.json, "w") as f:
+          json.dump(summary, f, indent=1)
+      except OSError as e:
+        raise FlagError(f"--json={FLAGS.json}: cannot write it ({e.strerror}). Fix: give a "
+                        "writable file path.") from None
+  except (FlagError, *cli.user_errors()) as e:
+    sys.exit(cli.report(e))
 
 
 if __name__ == "__main__":

@@ -138,6 +138,8 @@ def add_task(workdir: str | os.PathLike, new_workdir: str | os.PathLike,
       raise workdir_lib.RunDirError(
           f"{new_workdir / workdir_lib.CHECKPOINTS} already holds a checkpoint. Fix: choose an "
           "empty --new_workdir, or remove that one.")
+    if run.model.class_order is not None:
+      raise workdir_lib.shared_holdout_error()
     _check_new_catalogue(run.task_table, cat.read_task_table(catalogue_dir),
                          run.config.model.max_classes, os.fspath(catalogue_dir))
     data_devices = run.model.mesh.shape["data"]

@@ -161,11 +161,7 @@ def parse_record(obj: Any, table: cat.TaskTable, *, file: str = _INPUT,
 
 def load_image_embeddings(path: str | os.PathLike, image_dim: int) -> np.ndarray:
   """An [N, image_dim] float array from an .npy file (memory-mapped; never unpickled)."""
-  try:
-    embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise cat.CatalogueError(f"--image_embeddings={path}: cannot be read as a .npy array ({e}). "
-                             "Fix: give a catalogue's image_embeddings.npy.") from None
+  embeddings = cat.read_embeddings_array(path, f"--image_embeddings={path}")
   if embeddings.ndim != 2 or embeddings.shape[1] != image_dim:
     raise cat.CatalogueError(
         f"--image_embeddings={path}: shape {embeddings.shape}, but the model's image embeddings "
@@ -308,6 +304,13 @@ class Predictor:
     Every record is checked before anything is written; the output appears whole (written
     beside it and renamed) or not at all.
     """
+    if os.path.isdir(output_path):
+      raise workdir_lib.RunDirError(f"--output={output_path}: a directory. Fix: give a file path, "
+                                    f"e.g. {Path(output_path) / 'predictions.jsonl'}.")
+    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+      raise workdir_lib.RunDirError(
+          f"--output={output_path}: the same file as --input; the predictions would replace the "
+          "products. Fix: give another output file.")
     sources, parsed = [], []
     for line_no, obj in read_jsonl(input_path):
       parsed.append(parse_record(obj, self.task_table, file=os.fspath(input_path),

@@ -18,20 +18,21 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int]:
   shape = [mesh_cfg.data, mesh_cfg.model]
   fixed = int(np.prod([s for s in shape if s != -1]))
   if shape.count(-1) > 1:
-    raise ValueError("config.mesh: at most one of mesh.data, mesh.model may be -1.")
+    raise ValueError("config.mesh: at most one of mesh.data, mesh.model may be -1. Fix: give "
+                     "the other a size.")
   if any(s == 0 or s < -1 for s in shape):
     raise ValueError(f"config.mesh: sizes must be positive or -1, got data={shape[0]}, "
-                     f"model={shape[1]}.")
+                     f"model={shape[1]}. Fix: use positive sizes, or -1 for the rest.")
   if num_devices % fixed:
     raise ValueError(
-        f"config.mesh: data={shape[0]} x model={shape[1]} does not fit {num_devices} devices; "
-        f"set --config.mesh.data=-1 to use all of them, or sizes whose product divides "
+        f"config.mesh: data={shape[0]} x model={shape[1]} does not fit {num_devices} devices. "
+        f"Fix: set --config.mesh.data=-1 to use all of them, or sizes whose product divides "
         f"{num_devices}.")
   shape = [num_devices // fixed if s == -1 else s for s in shape]
   if int(np.prod(shape)) != num_devices:
     raise ValueError(
         f"config.mesh: data={shape[0]} x model={shape[1]} = {int(np.prod(shape))} devices, but "
-        f"{num_devices} are available; set --config.mesh.data=-1 to use all of them.")
+        f"{num_devices} are available. Fix: set --config.mesh.data=-1 to use all of them.")
   return tuple(shape)
 
 

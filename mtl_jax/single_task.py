@@ -95,6 +95,7 @@ import numpy as np
 
 from mtl_jax import catalogue as cat
 from mtl_jax.workdir import UnsafePathError, inside, task_dir_name  # noqa: F401
+from mtl_jax import workdir as workdir_lib
 
 TASKS_SUBDIR = "tasks"
 CATALOGUES_SUBDIR = "catalogues"
@@ -107,6 +108,10 @@ STEPS_POLICIES = ("epochs", "fixed")
 DEFAULT_STEPS_POLICY = "epochs"
 DEFAULT_EPOCHS = 20.0
 DEFAULT_MIN_STEPS = 50
+
+
+class StepsPolicyError(ValueError):
+  """Step settings of the single-task runs that cannot be used; the message names the fix."""
 
 
 class ComparisonError(ValueError):
@@ -257,19 +262,21 @@ def resolve_steps_policy(steps: int | None = None, steps_policy: str | None = No
   if steps_policy is None:
     steps_policy = "fixed" if steps is not None else DEFAULT_STEPS_POLICY
   if steps_policy not in STEPS_POLICIES:
-    raise ValueError(f"steps_policy={steps_policy!r}: unknown. Fix: use one of {STEPS_POLICIES}.")
+    raise StepsPolicyError(f"steps_policy={steps_policy!r}: unknown. Fix: use one of "
+                           f"{STEPS_POLICIES}.")
   if steps is not None and (isinstance(steps, bool) or steps <= 0):
-    raise ValueError(f"steps={steps}: use a positive number of train steps per task.")
+    raise StepsPolicyError(f"steps={steps}: not a positive number. Fix: give --steps a positive "
+                           "number of train steps per task.")
   if steps is not None and steps_policy != "fixed":
-    raise ValueError(f"steps={steps} with steps_policy={steps_policy!r}: --steps gives every task "
-                     "the same count. Fix: drop --steps, or use --steps_policy=fixed.")
+    raise StepsPolicyError(f"steps={steps} with steps_policy={steps_policy!r}: --steps gives every "
+                           "task the same count. Fix: drop --steps, or use --steps_policy=fixed.")
   if steps_policy == "epochs":
     if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
-      raise ValueError(f"epochs={epochs}: use a positive number of passes over each task's "
-                       f"train split, e.g. {DEFAULT_EPOCHS:g}.")
+      raise StepsPolicyError(f"epochs={epochs}: not a positive number of passes over each "
+                             f"task's train split. Fix: e.g. --epochs={DEFAULT_EPOCHS:g}.")
     if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 1:
-      raise ValueError(f"min_steps={min_steps}: use a positive number of steps, e.g. "
-                       f"{DEFAULT_MIN_STEPS}.")
+      raise StepsPolicyError(f"min_steps={min_steps}: not a positive number of steps. Fix: e.g. "
+                             f"--min_steps={DEFAULT_MIN_STEPS}.")
   return steps_policy
 
 
@@ -281,6 +288,25 @@ def steps_for_task(config, num_train: int, steps_policy: str = DEFAULT_STEPS_POL
     return int(steps if steps is not None else config.total_steps)
   wanted = math.ceil(epochs * num_train / config.batch_size)
   return int(max(1, min(config.total_steps, max(min_steps, wanted))))
+
+
+def _check_finished(run_dir: Path, task_config, task_catalogue: Path) -> None:
+  """Refuses to reuse a finished single-task run that these settings would not have trained
+  (its steps, config or task classes differ), as resuming a multi-task run does.
+
+  Raises:
+    RunDirError: what differs, and the fix.
+  """
+  meta = workdir_lib.latest_meta(run_dir)
+  if meta is None:
+    return  # Reports without checkpoints: nothing to compare with.
+  saved_steps = json.loads(meta["config"]).get("total_steps")
+  if saved_steps != task_config.total_steps:
+    raise workdir_lib.RunDirError(
+        f"{run_dir} was trained for {saved_steps} steps; these settings give "
+        f"{task_config.total_steps}. Fix: use another --workdir, or remove {run_dir} to train "
+        "that task again.")
+  workdir_lib.check_resume(meta, task_config, cat.read_task_table(task_catalogue), str(run_dir))
 
 
 def _task_config(config, catalogue_dir: Path, tokenizer_dir: str, steps: int):
@@ -387,12 +413,14 @@ def train_single_task_baselines(config, workdir: str | os.PathLike,
   for i, name in enumerate(names):
     catalogue_dir, run_dir = paths[name]
     shown = f"[{i + 1}/{len(names)}] {_shown(name)}"
-    if (run_dir / REPORTS_SUBDIR / "test.json").exists():
-      print(f"{shown}: done earlier ({run_dir}/{REPORTS_SUBDIR})", flush=True)
-      continue
     task_catalogue = write_subset_catalogue(full_dir, catalogue_dir, [name], within=workdir)
     num_train = count_examples(task_catalogue, "train")
     task_steps = steps_for_task(config, num_train, steps_policy, steps, epochs, min_steps)
+    task_config = _task_config(config, task_catalogue, tokenizer_dir, task_steps)
+    if (run_dir / REPORTS_SUBDIR / "test.json").exists():
+      _check_finished(run_dir, task_config, task_catalogue)
+      print(f"{shown}: done earlier ({run_dir}/{REPORTS_SUBDIR})", flush=True)
+      continue
     epochs_run = task_steps * config.batch_size / max(num_train, 1)
     plan["tasks"][name] = {"dir": run_dir.name, "train_examples": num_train,
                            "steps": task_steps, "epochs": round(epochs_run, 2),
@@ -402,8 +430,7 @@ def train_single_task_baselines(config, workdir: str | os.PathLike,
           f"({num_train} train examples, {epochs_run:.1f} epochs at batch {config.batch_size}; "
           f"steps policy {steps_policy})", flush=True)
     inside(workdir, run_dir)
-    train.train_and_evaluate(_task_config(config, task_catalogue, tokenizer_dir, task_steps),
-                             str(run_dir))
+    train.train_and_evaluate(task_config, str(run_dir))
   return {split: _gather(workdir, names, split) for split in ("validation", "test")}
 
 
@@ -433,6 +460,27 @@ def _run_results(workdir: Path, split: str) -> tuple[dict, dict]:
       pass
     steps[task] = step if isinstance(step, int) and not isinstance(step, bool) else None
   return accuracies, steps
+
+
+TASK_IDENTITY = ("num_classes", "trained_classes", "eval_examples")
+
+
+def _check_same_tasks(runs: list[Path], split: str) -> None:
+  """Refuses runs whose reports give a task of the same name other classes or evaluation
+  products: they were trained on different catalogues (or held out other classes)."""
+  seen = {}  # task -> (identity, run)
+  for run in runs:
+    for row in _read_report(run / REPORTS_SUBDIR / f"{split}.json")["tasks"]:
+      identity = tuple(row.get(k) for k in TASK_IDENTITY)
+      if None in identity:
+        continue  # A report without these fields: nothing to check.
+      first = seen.setdefault(row["task"], (identity, run))
+      if first[0] != identity:
+        show = lambda i: (f"{i[0]} classes ({i[1]} trained), {i[2]} {split} products")
+        raise ComparisonError(
+            f"task {row['task']!r} has {show(first[0])} in {first[1]} but {show(identity)} in "
+            f"{run}: not the same task. Fix: compare runs made from the same catalogue, with "
+            "the same eval.holdout_classes.")
 
 
 def _as_runs(workdirs) -> list[Path]:
@@ -502,6 +550,7 @@ def compare(mtl_workdirs, single_workdirs, out_dir: str | os.PathLike | None = N
   mtl_runs, single_runs = _as_runs(mtl_workdirs), _as_runs(single_workdirs)
   mtl = [_run_results(w, split) for w in mtl_runs]
   single = [_run_results(w, split) for w in single_runs]
+  _check_same_tasks(mtl_runs + single_runs, split)
   kinds = {"mtl": _side_kind(mtl_runs), "single": _side_kind(single_runs)}
   # A probe is solved to convergence: it has no step budget to compare.
   mtl_budgeted = [s for w, (_, s) in zip(mtl_runs, mtl) if not _is_probe(w)]
@@ -712,7 +761,7 @@ def _train_main(argv: Sequence[str]) -> None:
       train_single_task_baselines(f.config, f.workdir, f.tasks or None, f.steps,
                                   f.steps_policy, f.epochs, f.min_steps)
     except (*cli.user_errors(), linear_probe.MissingTextModelError,
-            linear_probe.ProbeArgumentError) as e:
+            linear_probe.ProbeArgumentError, StepsPolicyError) as e:
       sys.exit(cli.report(e))
 
   app.run(main, argv=list(argv), flags_parser=lambda a: cli.parse_flags(flags.FLAGS, a))

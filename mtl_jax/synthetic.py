@@ -509,12 +509,15 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
   out = {k: get(k) for k in CONFIG_FIELDS}
   for k in CONFIG_FIELDS:
     out[k] = float(out[k]) if k == "label_noise" else int(out[k])
+  fix = "Fix: change data.synthetic (or --num_tasks) to satisfy it."
   if out["num_tasks"] < 1 or not 1 <= out["min_products"] <= out["max_products"]:
-    raise ValueError(f"Need num_tasks >= 1 and 1 <= min_products <= max_products: {out}.")
+    raise catalogue.CatalogueError(
+        f"Need num_tasks >= 1 and 1 <= min_products <= max_products: {out}. {fix}")
   if not 1 <= out["min_classes"] <= out["max_classes"]:
-    raise ValueError(f"Need 1 <= min_classes <= max_classes: {out}.")
+    raise catalogue.CatalogueError(f"Need 1 <= min_classes <= max_classes: {out}. {fix}")
   if out["image_dim"] < 1 or out["max_images"] < 0 or not 0 <= out["label_noise"] < 1:
-    raise ValueError(f"Need image_dim >= 1, max_images >= 0, 0 <= label_noise < 1: {out}.")
+    raise catalogue.CatalogueError(
+        f"Need image_dim >= 1, max_images >= 0, 0 <= label_noise < 1: {out}. {fix}")
   return out
 
 
@@ -620,8 +623,8 @@ def generate_catalogue(out_dir: str | os.PathLike, cfg: Any,
      "generation_seconds"}.
 
   Raises:
-    FileExistsError: `out_dir` exists but is not a complete catalogue made with this config
-      and taxonomy.
+    CatalogueError: `out_dir` exists but is not a complete catalogue made with this config
+      and taxonomy, or the config's values cannot make a catalogue.
   """
   start = time.perf_counter()
   config = _config_dict(cfg)
@@ -633,9 +636,11 @@ def generate_catalogue(out_dir: str | os.PathLike, cfg: Any,
       stats = json.loads(stats_path.read_text())
       if stats.get("config") == config and stats.get("taxonomy") == tax.digest:
         return stats
-    raise FileExistsError(f"{out_dir} exists and is not a complete synthetic catalogue made with "
-                          f"{config} and taxonomy {tax.digest}. Remove it or choose another "
-                          "directory.")
+    raise catalogue.CatalogueError(
+        f"{out_dir} exists and is not a complete synthetic catalogue made with {config} and "
+        f"taxonomy {tax.digest}. Fix: choose another directory (in a run's workdir this is the "
+        "catalogue the run was trained on: to train with other data settings, use a new "
+        "--workdir), or remove it if nothing needs it.")
   world = _World(tax, config["seed"], config["image_dim"])
   num_tasks = config["num_tasks"]
 

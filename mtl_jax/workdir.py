@@ -333,6 +333,14 @@ def _mesh_for(config):
     return sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "model": 1}))
 
 
+def shared_holdout_error() -> RunDirError:
+  """Why tasks cannot be added to a run with eval.holdout_mode='shared'."""
+  # The shared plan depends on every task's class names: new tasks would change it.
+  return RunDirError("Adding tasks to a run with eval.holdout_mode='shared' is not supported: "
+                     "its held-out classes depend on every task's classes. Fix: train the run "
+                     "again with the new tasks in its catalogue.")
+
+
 def model_for(config, meta: dict, task_table: cat.TaskTable, vocab_size: int, mesh=None,
               **kwargs) -> state_lib.Model:
   """The Model of a saved run: its saved encoder sizes and its tasks' trained class counts."""
@@ -344,10 +352,7 @@ def model_for(config, meta: dict, task_table: cat.TaskTable, vocab_size: int, me
     spec = state_lib.model_spec(config, task_table, vocab_size)
   num_classes, class_order = state_lib.holdout_for(config, task_table)
   if class_order is not None and task_table.num_tasks != meta.get("num_tasks"):
-    # The shared plan depends on every task's class names: new tasks would change it.
-    raise RunDirError("Adding tasks to a run with eval.holdout_mode='shared' is not supported: "
-                      "its held-out classes depend on every task's classes. Fix: train the run "
-                      "again with the new tasks in its catalogue.")
+    raise shared_holdout_error()
   return state_lib.Model(config, spec, num_classes, mesh or _mesh_for(config),
                          class_order=class_order, **kwargs)
 

@@ -228,7 +228,7 @@ def test_misspelt_override_names_the_field_and_suggests_the_right_one(monkeypatc
 @pytest.mark.parametrize("override,expected", [
     ({"batch_size": 6}, "config.batch_size: 6 is not a positive multiple of the 4 data-parallel "
                         "devices x 1 processes. Fix: use a multiple of 4"),
-    ({"mesh__data": 8}, "config.mesh: data=8 x model=1 does not fit 4 devices; set "
+    ({"mesh__data": 8}, "config.mesh: data=8 x model=1 does not fit 4 devices. Fix: set "
                         "--config.mesh.data=-1"),
 ], ids=["batch_size", "mesh"])
 def test_main_on_four_devices_fails_before_compiling(tmp_path, override, expected):

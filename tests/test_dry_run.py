@@ -130,3 +130,51 @@ def test_a_state_too_big_for_the_device_says_so():
   summary = dry_run.summarize(demo.get_config("tiny"), jax.devices()[:1], device_memory_gib=1e-4)
   assert not summary["fit"]["fits"]
   assert "DOES NOT FIT a 104.86 KiB device" in dry_run.format_table(summary)
+
+
+def run_dry_run(*flags, env=None):
+  """The CLI on the tiny demo config, as a user runs it."""
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **(env or {}))
+  return subprocess.run(
+      [sys.executable, "-m", "mtl_jax.dry_run", "--config=configs/demo.py:tiny", *flags],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("flags, named", [
+    # Config and data errors the library raises: one line, not a traceback.
+    (["--num_devices=3"], "config.batch_size"),
+    (["--num_devices=8", "--config.mesh.model=3"], "config.mesh: data=-1 x model=3"),
+    (["--config.data.catalogue_dir=/nonexistent/catalogue"], "/nonexistent/catalogue"),
+    # A flag value refused before any work starts (every other case: check_flags' own test).
+    (["--device_memory_gib=0"], "--device_memory_gib=0"),
+    # Would take minutes to create 100000 fake CPU devices: refused before any backend starts.
+    (["--num_devices=100000"], "--num_devices=100000"),
+])
+def test_a_user_error_is_one_line_with_its_fix(flags, named):
+  proc = run_dry_run(*flags)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, proc.stderr
+  assert named in errors[0] and "Fix:" in errors[0], errors[0]
+
+
+def test_flags_are_checked_before_any_work():
+  """The checks themselves, without a process: the bounds of each flag."""
+  dry_run.check_flags(0, 1, 16.0, "")
+  dry_run.check_flags(dry_run.MAX_DEVICES, 5, 0.5, "summary.json")
+  with pytest.raises(dry_run.FlagError, match=r"--num_devices=-1: .*negative.*Fix: give 0"):
+    dry_run.check_flags(-1, 1, 16.0, "")
+  with pytest.raises(dry_run.FlagError, match=r"--num_devices=16385: .*Fix: .*1 to 16384"):
+    dry_run.check_flags(dry_run.MAX_DEVICES + 1, 1, 16.0, "")
+  with pytest.raises(dry_run.FlagError, match=r"--device_memory_gib=nan: .*Fix:"):
+    dry_run.check_flags(0, 1, float("nan"), "")
+  with pytest.raises(dry_run.FlagError, match=r"--device_memory_gib=-1.0: .*Fix:"):
+    dry_run.check_flags(0, 1, -1.0, "")
+  for slots in (0, -2):
+    with pytest.raises(dry_run.FlagError, match=rf"--adapter_slots={slots}: .*Fix: give 1"):
+      dry_run.check_flags(0, slots, 16.0, "")
+  with pytest.raises(dry_run.FlagError, match=r"--json=/tmp: is a directory. Fix: "):
+    dry_run.check_flags(0, 1, 16.0, "/tmp")
+  with pytest.raises(dry_run.FlagError, match=r"--json=/nonexistent/s.json: its directory .*Fix:"):
+    dry_run.check_flags(0, 1, 16.0, "/nonexistent/s.json")

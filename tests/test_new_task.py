@@ -182,6 +182,17 @@ def test_a_workdir_that_already_holds_a_checkpoint_is_refused(old_run, grown):
     new_task.add_task(old_run["workdir"], grown["workdir"], old_run["mirror"], steps=1)
 
 
+def test_a_run_with_shared_holdout_is_refused_before_anything_is_written(old_run, tmp_path):
+  workdir = tmp_path / "shared"
+  train.train_and_evaluate(tiny_config(**{
+      "total_steps": 2, "eval_every": 2, "checkpoint_every": 2, "eval.holdout_classes": 1,
+      "eval.holdout_mode": "shared",
+      "data.catalogue_dir": str(old_run["workdir"] / "catalogue")}), str(workdir))
+  with pytest.raises(workdir_lib.RunDirError, match="holdout_mode='shared' is not supported"):
+    new_task.add_task(workdir, tmp_path / "grown", old_run["mirror"], steps=1)
+  assert not (tmp_path / "grown").exists()
+
+
 @pytest.mark.slow
 def test_the_new_head_learns_well_above_chance(tmp_path):
   """On an encoder trained 200 steps, a new website selling what site0003 sells: its head alone

@@ -235,3 +235,21 @@ def test_images_as_row_indices_into_an_embeddings_file(saved_run, predictor, tmp
   np.save(tmp_path / "wide.npy", np.zeros((3, 5), np.float32))
   with pytest.raises(cat.CatalogueError, match=r"shape \(3, 5\).*Fix:"):
     predict.Predictor.from_workdir(saved_run["workdir"], image_embeddings=tmp_path / "wide.npy")
+  np.save(tmp_path / "ints.npy", np.zeros((3, 5), np.int64))
+  (tmp_path / "text.jsonl").write_text('{"a": 1}\n')
+  for name, words in (("ints.npy", "field 'dtype': int64 is not float16 or float32"),
+                      ("text.jsonl", "not a .npy file")):
+    with pytest.raises(cat.CatalogueError, match=f"--image_embeddings=.*{name}.*{words}.*Fix:"):
+      predict.Predictor.from_workdir(saved_run["workdir"], image_embeddings=tmp_path / name)
+
+
+def test_the_output_is_never_the_input_nor_a_directory(saved_run, tmp_path):
+  source = tmp_path / "products.jsonl"
+  text = "".join(json.dumps(r) + "\n" for r in saved_run["records"][:3])
+  source.write_text(text)
+  for output, words in ((source, "the same file as --input"), (tmp_path, "a directory")):
+    # RunDirError: `cli.run` prints it as one line, `error: <message>`.
+    with pytest.raises(workdir_lib.RunDirError, match=f"--output={output}: {words}.*Fix: "):
+      predict.main([f"--workdir={saved_run['workdir']}", f"--input={source}",
+                    f"--output={output}"])
+  assert source.read_text() == text  # The products are kept.

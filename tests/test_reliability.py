@@ -964,6 +964,11 @@ def _run_cli(args, cwd=ROOT, timeout=300):
       "--workdir={tmp}/run"], "error: config.optimizer.learning_rate: ", 1),
     (["mtl_jax.main", "--config=configs/demo.py:tiny", "--config.optimizer.learnig_rate=0.1",
       "--workdir={tmp}/run"], "error: --config.optimizer.learnig_rate: no such config field", 2),
+    (["mtl_jax.main", "--config=configs/demo.py:tiny", "--config.modle.dropout=0.1",
+      "--workdir={tmp}/run"], "error: --config.modle.dropout: no such config field (misspelt "
+     "fields are refused). Fix: did you mean --config.model.dropout?", 2),
+    (["mtl_jax.synthetic", "--config=configs/demo.py:tiny", "--out={tmp}/file"],
+     "error: {tmp}/file exists and is not a complete synthetic catalogue", 1),
     (["mtl_jax.main", "--config=configs/nosuch.py", "--workdir={tmp}/run"],
      "error: --config=configs/nosuch.py: no such config file in ", 2),
     (["mtl_jax.single_task", "--config=configs/demo.py:tiny", "--workdir={tmp}/single",

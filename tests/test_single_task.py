@@ -51,6 +51,24 @@ def _report(workdir, accuracies, step=None):
   return workdir
 
 
+def test_compare_refuses_a_task_that_only_shares_its_name(tmp_path):
+  def report(name, classes):
+    _report(tmp_path / name, {"a": 0.8, "b": 0.5})
+    path = tmp_path / name / "reports" / "test.json"
+    report = json.loads(path.read_text())
+    for row in report["tasks"]:
+      row.update(num_classes=classes if row["task"] == "b" else 4, trained_classes=4,
+                 eval_examples=20)
+    path.write_text(json.dumps(report))
+    return tmp_path / name
+  same, other = report("mtl", 4), report("single", 9)
+  assert len(single_task.compare(same, report("single_same", 4))["tasks"]) == 2
+  with pytest.raises(single_task.ComparisonError,
+                     match=r"task 'b' has 4 classes \(4 trained\), 20 test products in .*mtl "
+                           r"but 9 classes .* in .*single: not the same task. Fix: "):
+    single_task.compare(same, other)
+
+
 def test_compare_per_task_differences_means_and_wins(tmp_path, capsys):
   mtl = _report(tmp_path / "mtl", {"a": 0.8, "b": 0.5, "c": 0.6, "d": None})
   single = _report(tmp_path / "single", {"a": 0.7, "b": 0.5, "c": 0.9, "e": 0.4})
@@ -287,12 +305,12 @@ def test_steps_policy_arguments():
   for kwargs, message in [
       ({"steps": 10, "steps_policy": "epochs"}, "--steps gives every task the same count"),
       ({"steps_policy": "uniform"}, "unknown"),
-      ({"epochs": 0}, "epochs=0: use a positive number"),
+      ({"epochs": 0}, "epochs=0: not a positive number"),
       ({"epochs": float("nan")}, "epochs=nan"),
       ({"min_steps": 0}, "min_steps=0"),
-      ({"steps": 0}, "steps=0: use a positive number"),
+      ({"steps": 0}, "steps=0: not a positive number"),
   ]:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(single_task.StepsPolicyError, match=message + ".*Fix: "):
       single_task.resolve_steps_policy(**kwargs)
   config = single_task_config = type("C", (), {"total_steps": 600, "batch_size": 32})()
   assert single_task.steps_for_task(config, 160) == 100  # 20 epochs of 160 at batch 32.
@@ -302,13 +320,18 @@ def test_steps_policy_arguments():
   del single_task_config
 
 
-def test_command_line_rejects_steps_with_the_epochs_policy(tmp_path):
+@pytest.mark.parametrize("flags,message", [
+    (["--steps=4", "--steps_policy=epochs"], "steps=4 with steps_policy='epochs'"),
+    (["--steps=0"], "steps=0: not a positive number"),
+])
+def test_command_line_rejects_bad_step_settings_in_one_line(tmp_path, flags, message):
   proc = subprocess.run(
       [sys.executable, "-m", "mtl_jax.single_task", "--config=configs/demo.py:tiny",
-       f"--workdir={tmp_path / 'w'}", "--steps=4", "--steps_policy=epochs"],
+       f"--workdir={tmp_path / 'w'}", *flags],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0
-  assert "steps=4 with steps_policy='epochs'" in proc.stderr, proc.stderr[-2000:]
+  assert proc.returncode == 1
+  assert f"error: {message}" in proc.stderr and "Fix: " in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
   assert not (tmp_path / "w").exists()
 
 
@@ -417,3 +440,12 @@ def test_baselines_for_two_tasks_then_compare_with_the_multi_task_run(tmp_path_f
 
   again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0 and again.stdout.count("done earlier") == 2
+  # Other settings do not pass for the finished runs: the re-run names what differs.
+  for changed, expected in (("--steps=5", "was trained for 4 steps; these settings give 5"),
+                            ("--config.optimizer.learning_rate=0.01",
+                             "config.optimizer.learning_rate")):
+    other = subprocess.run(command[:-1] + [changed] if changed.startswith("--steps")
+                           else command + [changed], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode == 1 and expected in other.stderr, other.stderr[-2000:]
+    assert "Traceback" not in other.stderr and "Fix:" in other.stderr

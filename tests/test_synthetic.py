@@ -172,15 +172,15 @@ def test_temp_dir_marker_and_reuse(tmp_path, tiny_taxonomy, monkeypatch):
   mtime = (out / "train.jsonl").stat().st_mtime_ns
   again = synthetic.generate_catalogue(out, small_config(num_tasks=4), tiny_taxonomy)
   assert again == stats and (out / "train.jsonl").stat().st_mtime_ns == mtime
-  with pytest.raises(FileExistsError):
+  with pytest.raises(cat.CatalogueError, match="exists and is not a complete .* Fix: "):
     synthetic.generate_catalogue(out, small_config(num_tasks=5), tiny_taxonomy)
   other_taxonomy = tmp_path / "other.txt"
   other_taxonomy.write_text(tiny_taxonomy.read_text() + "# Edited.\n")
-  with pytest.raises(FileExistsError):
+  with pytest.raises(cat.CatalogueError):
     synthetic.generate_catalogue(out, small_config(num_tasks=4), other_taxonomy)
   other_taxonomy.unlink()
   (out / "_COMPLETE").unlink()
-  with pytest.raises(FileExistsError):
+  with pytest.raises(cat.CatalogueError):
     synthetic.generate_catalogue(out, small_config(num_tasks=4), tiny_taxonomy)
 
 
