@@ -140,6 +140,7 @@ def run_dry_run(*flags, env=None):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow  # A process each (~10 s); check_flags' own test below is quick.
 @pytest.mark.parametrize("flags, named", [
     # Config and data errors the library raises: one line, not a traceback.
     (["--num_devices=3"], "config.batch_size"),
