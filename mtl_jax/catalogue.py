@@ -299,11 +299,13 @@ def read_embeddings_array(path: str | os.PathLike, name: str) -> np.ndarray:
   fix = "Fix: save a float16/float32 array with np.save(path, array), without pickles."
   try:
     with open(path, "rb") as f:
-      if f.read(6) != b"\x93NUMPY":
-        raise CatalogueError(f"{name}: not a .npy file. {fix}")
-    emb = np.load(path, mmap_mode="r", allow_pickle=False)
+      is_npy = f.read(6) == b"\x93NUMPY"
+    if is_npy:
+      emb = np.load(path, mmap_mode="r", allow_pickle=False)
   except (OSError, ValueError) as e:  # Object arrays (pickles), malformed headers.
     raise CatalogueError(f"{name}: not a plain .npy array ({e}). {fix}") from None
+  if not is_npy:
+    raise CatalogueError(f"{name}: not a .npy file. {fix}")
   if emb.dtype not in (np.float16, np.float32):
     raise CatalogueError(f"{name}, field 'dtype': {emb.dtype} is not float16 or float32. Fix: "
                          "save the array as float16 or float32.")
