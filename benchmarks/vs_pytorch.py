@@ -3,6 +3,7 @@
   python benchmarks/vs_pytorch.py [--cases mtl100:cpu,mtl100,issue14.6:10,...] [--steps 30]
                                   [--repeats 3] [--cpus 0,1] [--torch_variants default,passive]
                                   [--allocators glibc,tcmalloc]
+                                  [--xla_flag_variants 'name=--xla_cpu_flag=value;...']
 
 Cases (same sizes, same batches, same optimiser hyper-parameters on both sides):
 
@@ -33,7 +34,9 @@ spinning; on a shared, loaded machine spinning threads can wait for cores other 
 Allocators (`--allocators`): every side runs once with glibc's malloc and once with TCMalloc
 preloaded (`mtl_jax.allocator.with_tcmalloc`, what `python -m mtl_jax.main` does where it is
 installed); "best" on each side is its fastest variant, and each allocator's ratio is also given.
-"best torch" is the fastest torch variant.
+"best torch" is the fastest torch variant. `--xla_flag_variants` adds sides of ours run with
+other XLA flags (`ours_<name>`; the JSON records each side's XLA_FLAGS), to try XLA's CPU
+options beside the default in the same rounds.
 
 The sides take turns: `--repeats` rounds of ours (`--steps` steps), torch, torch-passive, ours,
 ...; both sides are built and warmed up (compilation, `--warmup` steps) before the first round
@@ -208,8 +211,21 @@ class Side:
     self.proc.wait(timeout=120)
 
 
-def side_envs(cpus, variants, allocators=("glibc",)):
-  """(name, worker kind, environment) of every side, under each allocator."""
+def parse_flag_variants(text: str) -> dict:
+  """`name=--flag=value --flag2=value;name2=...` -> {name: XLA flags}."""
+  variants = {}
+  for item in filter(None, text.split(";")):
+    name, sep, flags = item.partition("=")
+    if not sep or not name.isidentifier() or not flags.strip().startswith("--"):
+      raise ValueError(f"--xla_flag_variants: {item!r} is not NAME=--xla_flag=value ...; "
+                       "Fix: e.g. --xla_flag_variants='no_xnnpack=--xla_cpu_use_xnnpack=false'")
+    variants[name] = flags.strip()
+  return variants
+
+
+def side_envs(cpus, variants, allocators=("glibc",), xla_flag_variants=None):
+  """(name, worker kind, environment) of every side, under each allocator. Each of
+  `xla_flag_variants` ({name: flags}) adds a side `ours_<name>`: ours with those XLA flags."""
   base = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   base.pop("OMP_WAIT_POLICY", None)
   ours = dict(base)
@@ -217,7 +233,9 @@ def side_envs(cpus, variants, allocators=("glibc",)):
     ours["XLA_FLAGS"] = (ours.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
   threads = str(len(cpus))
   torch_env = dict(base, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-  sides = [("ours", "ours", ours)]
+  sides = [("ours", "ours", ours)] + [
+      (f"ours_{name}", "ours", dict(ours, XLA_FLAGS=f"{ours.get('XLA_FLAGS', '')} {flags}".strip()))
+      for name, flags in (xla_flag_variants or {}).items()]
   for v in variants:
     if v == "default":
       sides.append(("torch", "torch", torch_env))
@@ -254,7 +272,8 @@ def measure(case, cpus, args):
   sides = []
   try:
     for name, kind, env in side_envs(cpus, args.torch_variants.split(","),
-                                     args.allocators.split(",")):
+                                     args.allocators.split(","),
+                                     parse_flag_variants(args.xla_flag_variants)):
       sides.append(Side(name, kind, case, cpus, env, args))  # Built one after the other.
       print(f"  {case}: {name} ready ({sides[-1].info['build_and_warmup_s']:.0f} s)", flush=True)
     for r in range(args.repeats):
@@ -310,6 +329,9 @@ def main(argv=None):
   parser.add_argument("--torch_variants", default="default,passive")
   parser.add_argument("--allocators", default="glibc,tcmalloc",
                       help="glibc and/or tcmalloc (preloaded); every side runs under each.")
+  parser.add_argument("--xla_flag_variants", default="",
+                      help="Extra sides of ours with other XLA flags: "
+                           "'name=--xla_flag=value ...;name2=...' (side ours_<name>).")
   parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "vs_pytorch.json"))
   parser.add_argument("--worker", default="", help="Internal: ours | torch.")
   parser.add_argument("--case", default="", help="Internal: the worker's case.")

@@ -171,3 +171,20 @@ def test_vs_pytorch_runs_every_side_under_each_allocator():
   assert vs_pytorch._best(rows, "ours") == "ours_tcmalloc"
   assert vs_pytorch._best(rows, "torch", tcmalloc=True) == "torch_tcmalloc"
   assert vs_pytorch._best(rows, "ours", tcmalloc=False) == "ours"
+
+
+def test_vs_pytorch_adds_a_side_of_ours_per_xla_flag_variant():
+  from benchmarks import vs_pytorch
+  variants = vs_pytorch.parse_flag_variants(
+      "no_xnnpack=--xla_cpu_use_xnnpack=false;isa=--xla_cpu_max_isa=AVX2 --xla_cpu_enable_fast_math=true")
+  assert variants == {"no_xnnpack": "--xla_cpu_use_xnnpack=false",
+                      "isa": "--xla_cpu_max_isa=AVX2 --xla_cpu_enable_fast_math=true"}
+  sides = {name: env for name, _, env in vs_pytorch.side_envs({0, 1}, ["default"], ["glibc"],
+                                                               variants)}
+  assert list(sides) == ["ours", "ours_no_xnnpack", "ours_isa", "torch"]
+  assert sides["ours_isa"]["XLA_FLAGS"].endswith(
+      "--xla_cpu_max_isa=AVX2 --xla_cpu_enable_fast_math=true")
+  assert "--xla_cpu_use_xnnpack=false" not in sides["ours"].get("XLA_FLAGS", "")
+  for bad in ("no_xnnpack", "2x=--xla_cpu_use_xnnpack=false", "x=xla_cpu_use_xnnpack"):
+    with pytest.raises(ValueError, match="--xla_flag_variants"):
+      vs_pytorch.parse_flag_variants(bad)
