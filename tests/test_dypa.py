@@ -30,6 +30,7 @@ def probs(model, state, batch):
       state.params, state.adapter_map, state.num_classes, model.global_batch(batch)))
 
 
+@pytest.mark.slow
 def test_expansion_keeps_every_output_and_grows_the_optimiser_state():
   config = tiny_config(**{"dypa.fraction": 0.5})
   model, state = trained(config)

@@ -55,6 +55,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_eight_device_mesh_matches_one_device(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
              "--xla_cpu_collective_call_terminate_timeout_seconds=15",

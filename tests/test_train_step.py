@@ -102,6 +102,7 @@ def _train_modes(batches, **overrides):
   return results
 
 
+@pytest.mark.slow
 def test_sparse_and_dense_task_updates_agree_when_every_task_is_in_every_batch():
   results = _train_modes(_every_task_batches(4))
   np.testing.assert_allclose(results["sparse"][1], results["dense"][1], rtol=1e-5)
@@ -109,6 +110,7 @@ def test_sparse_and_dense_task_updates_agree_when_every_task_is_in_every_batch()
                results["sparse"][0], results["dense"][0])
 
 
+@pytest.mark.slow
 def test_absent_tasks_sparse_keeps_them_dense_decays_them():
   """The documented difference (optim.py): with a task absent from every batch, "sparse" leaves
   its head exactly as it was, "dense" (plain AdamW) decays its kernel by (1 - lr * wd) each step
@@ -134,6 +136,7 @@ def test_absent_tasks_sparse_keeps_them_dense_decays_them():
   np.testing.assert_allclose(results["sparse"][1], results["dense"][1], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters_and_remat_keeps_the_loss():
   batches = [random_batch(i) for i in range(2)]
   losses = {}
@@ -182,6 +185,7 @@ def test_passes_on_an_8_device_mesh():
   assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_the_block_size_does_not_change_training():
   """Heads of one block per task (the layout of one row per task padded to `max_classes`) and
   of 4-class blocks, started from the same head values, train to the same losses and heads."""
