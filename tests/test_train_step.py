@@ -174,12 +174,13 @@ def test_unrolling_the_layer_scan_keeps_the_encoder():
 @pytest.mark.skipif(jax.device_count() > 1, reason="already on a multi-device mesh")
 def test_passes_on_an_8_device_mesh():
   """Every test above, again on 8 fake CPU devices (a subprocess: a fake-device deadlock, should
-  one happen, cannot take the suite down)."""
+  one happen, cannot take the suite down). The file's slow tests run there too: this test is itself
+  slow, so it runs only where they do."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8 "
              "--xla_cpu_collective_call_terminate_timeout_seconds=15")
   result = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-       "-k", "not 8_device"], env=env, capture_output=True, text=True, timeout=600,
+       "--run-slow", "-k", "not 8_device"], env=env, capture_output=True, text=True, timeout=600,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
